@@ -1,0 +1,311 @@
+"""LayerSkip Llama: a `LlamaForCausalLM` with per-sample layer dropout, early exit and self-speculative decoding.
+
+The state-dict keys are Llama's, so Llama checkpoints load into it and its checkpoints load back into
+`LlamaForCausalLM`. This file travels with saved checkpoints as remote code: it may import only torch,
+transformers and same-folder modules.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM, LlamaModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import slice_logits_to_keep
+from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
+
+from .configuration_layerskip_llama import LayerSkipLlamaConfig
+from .layer_dropout import layer_dropout_rates, sample_keep_masks
+from .self_speculative import (
+    SelfSpeculativeCandidateGenerator,
+    self_speculative_decoding,
+    validate_self_speculative_request,
+)
+
+
+@dataclass
+class LayerSkipModelOutput(BaseModelOutputWithPast):
+    r"""
+    layer_hidden_states (`tuple[torch.FloatTensor]`, *optional*):
+        Each run layer's output, before the final norm, each of shape `(batch_size, sequence_length, hidden_size)`.
+        Returned with `output_layer_hidden_states=True`, for the early-exit loss.
+    """
+
+    layer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class LayerSkipCausalLMOutput(CausalLMOutputWithPast):
+    r"""
+    layer_hidden_states (`tuple[torch.FloatTensor]`, *optional*):
+        Each run layer's output, before the final norm; see [`LayerSkipModelOutput`].
+    """
+
+    layer_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+class LayerSkipLlamaModel(LlamaModel):
+    config_class = LayerSkipLlamaConfig
+
+    def resolve_exit_layer(self, exit_layer: int | None) -> int:
+        """The number of layers to run: `exit_layer`, or all of them."""
+        num_layers = self.config.num_hidden_layers
+        if exit_layer is None:
+            return num_layers
+        if not isinstance(exit_layer, int) or not 1 <= exit_layer <= num_layers:
+            raise ValueError(f"`exit_layer` must be an integer in [1, {num_layers}], got {exit_layer!r}.")
+        return exit_layer
+
+    def run_layers(
+        self,
+        hidden_states: torch.Tensor,
+        start: int,
+        end: int,
+        position_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        keep_masks: torch.BoolTensor | None = None,
+        layer_outputs: list | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
+        """Runs decoder layers `start..end-1` on `hidden_states`.
+
+        Args:
+            hidden_states: `(batch_size, query_length, hidden_size)`, the input of layer `start`.
+            position_ids: `(batch_size or 1, query_length)`.
+            attention_mask: the 2D padding mask `(batch_size, cached_length + query_length)`, or `None`.
+            cache: its layers `start..end-1` must all hold the same length; they are extended by `query_length`.
+            keep_masks: `(num_hidden_layers, batch_size)` bool; a layer runs only on the rows it keeps.
+            layer_outputs: when a list, each layer's output is appended to it.
+
+        Returns:
+            `(batch_size, query_length, hidden_size)`, the output of layer `end - 1`, before the final norm.
+        """
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=hidden_states,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+            layer_idx=start if cache is not None else None,
+        )
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        for layer_idx, decoder_layer in enumerate(self.layers[start:end], start):
+            layer_kwargs = dict(position_ids=position_ids, cache=cache, **kwargs)
+            if keep_masks is None or keep_masks[layer_idx].all():
+                hidden_states = decoder_layer(
+                    hidden_states, attention_mask=causal_mask, position_embeddings=position_embeddings, **layer_kwargs
+                )
+            elif keep_masks[layer_idx].any():
+                hidden_states = self._run_kept_rows(
+                    decoder_layer, hidden_states, keep_masks[layer_idx], causal_mask, position_embeddings, layer_kwargs
+                )
+            if layer_outputs is not None:
+                layer_outputs.append(hidden_states)
+        return hidden_states
+
+    @staticmethod
+    def _run_kept_rows(decoder_layer, hidden_states, keep, causal_mask, position_embeddings, layer_kwargs):
+        """Runs `decoder_layer` on the rows of `hidden_states` that `keep` selects; the others pass through."""
+        rows = keep.nonzero().squeeze(1)  # (num_kept,)
+
+        def take(tensor):
+            # Masks, positions and rotary tables may be shared across the batch (leading dimension 1).
+            return tensor.index_select(0, rows) if tensor is not None and tensor.shape[0] > 1 else tensor
+
+        layer_kwargs = {**layer_kwargs, "position_ids": take(layer_kwargs["position_ids"])}
+        kept = decoder_layer(
+            hidden_states.index_select(0, rows),
+            attention_mask=take(causal_mask) if isinstance(causal_mask, torch.Tensor) else causal_mask,
+            position_embeddings=tuple(take(table) for table in position_embeddings),
+            **layer_kwargs,
+        )
+        return hidden_states.index_copy(0, rows, kept)
+
+    def draw_keep_masks(
+        self,
+        batch_size: int,
+        rates: list[float] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.BoolTensor | None:
+        """Layer-dropout masks `(num_hidden_layers, batch_size)` for a training step, or `None` when nothing drops.
+
+        `rates` (one per layer) overrides the config's schedule.
+        """
+        if not self.training:
+            return None
+        if rates is None:
+            config = self.config
+            rates = layer_dropout_rates(
+                config.num_hidden_layers, config.layer_dropout_max, config.layer_dropout_scale, config.layer_dropout_layers
+            )
+        elif len(rates) != self.config.num_hidden_layers:
+            raise ValueError(
+                f"`layer_dropout_rates` needs one rate per layer ({self.config.num_hidden_layers}), got {len(rates)}."
+            )
+        if max(rates) == 0:
+            return None
+        return sample_keep_masks(rates, batch_size, generator).to(self.embed_tokens.weight.device)
+
+    # Override: early exit, per-sample layer dropout, and every layer's output for the early-exit loss.
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        exit_layer: int | None = None,
+        layer_dropout_rates: list[float] | None = None,
+        layer_dropout_generator: torch.Generator | None = None,
+        output_layer_hidden_states: bool = False,
+        **kwargs,
+    ) -> LayerSkipModelOutput:
+        r"""
+        exit_layer (`int`, *optional*):
+            Run layers `0..exit_layer-1` only, then the final norm.
+        layer_dropout_rates (`list[float]`, *optional*):
+            One dropout rate per layer, overriding the config's schedule. Used in training mode only.
+        layer_dropout_generator (`torch.Generator`, *optional*):
+            CPU generator for the layer-dropout masks; seed it alike on every process for identical masks.
+        output_layer_hidden_states (`bool`, *optional*):
+            Return each run layer's output before the final norm as `layer_hidden_states`.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        num_layers = min(self.resolve_exit_layer(exit_layer), self.config.num_hidden_layers)
+        keep_masks = self.draw_keep_masks(inputs_embeds.shape[0], layer_dropout_rates, layer_dropout_generator)
+        if keep_masks is not None:
+            # Dropped rows skip a layer's cache update, so a cache cannot stay consistent across the batch.
+            use_cache, cache = False, None
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        layer_outputs = [] if output_layer_hidden_states else None
+        hidden_states = self.run_layers(
+            inputs_embeds, 0, num_layers, position_ids, attention_mask, cache, keep_masks, layer_outputs, **kwargs
+        )
+        return LayerSkipModelOutput(
+            last_hidden_state=self.norm(hidden_states),
+            cache=cache,
+            layer_hidden_states=tuple(layer_outputs) if layer_outputs is not None else None,
+        )
+
+
+class LayerSkipLlamaForCausalLM(LlamaForCausalLM):
+    config_class = LayerSkipLlamaConfig
+
+    # Override: build the LayerSkip decoder instead of the plain one.
+    def __init__(self, config: LayerSkipLlamaConfig):
+        LlamaPreTrainedModel.__init__(self, config)
+        self.model = LayerSkipLlamaModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+        self.generation_config.num_assistant_tokens = config.num_speculations
+        # Draft a constant number of tokens unless a confidence threshold is asked for.
+        self.generation_config.assistant_confidence_threshold = 0.0
+
+    def exit_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The shared exit: final norm and LM head on any layer's output `(..., hidden_size)` -> `(..., vocab_size)`."""
+        return self.lm_head(self.model.norm(hidden_states))
+
+    # Override: pass the LayerSkip arguments through to the decoder.
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        exit_layer: int | None = None,
+        layer_dropout_rates: list[float] | None = None,
+        layer_dropout_generator: torch.Generator | None = None,
+        output_layer_hidden_states: bool = False,
+        **kwargs,
+    ) -> LayerSkipCausalLMOutput:
+        r"""
+        Shapes: `input_ids` `(batch_size, sequence_length)`; `logits` `(batch_size, kept_length, vocab_size)`.
+
+        exit_layer (`int`, *optional*):
+            Run layers `0..exit_layer-1` only, then the model's own final norm and LM head.
+        layer_dropout_rates, layer_dropout_generator, output_layer_hidden_states:
+            See [`LayerSkipLlamaModel.forward`].
+        """
+        outputs: LayerSkipModelOutput = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            exit_layer=exit_layer,
+            layer_dropout_rates=layer_dropout_rates,
+            layer_dropout_generator=layer_dropout_generator,
+            output_layer_hidden_states=output_layer_hidden_states,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+
+        return LayerSkipCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            layer_hidden_states=outputs.layer_hidden_states,
+        )
+
+    # Override: `early_exit=E` decodes with the first E layers only (lossy, fastest).
+    def generate(self, *args, early_exit: int | None = None, **kwargs):
+        """`GenerationMixin.generate`, plus `early_exit=E` and self-speculative `assistant_early_exit=E`."""
+        if early_exit is not None:
+            if kwargs.get("assistant_early_exit") is not None:
+                raise ValueError("Pass either `early_exit` (lossy) or `assistant_early_exit` (lossless), not both.")
+            kwargs["exit_layer"] = self.model.resolve_exit_layer(early_exit)
+        return super().generate(*args, **kwargs)
+
+    # Override: reject what self-speculative decoding does not support instead of silently falling back.
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs):
+        super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
+        if generation_config.assistant_early_exit is not None:
+            validate_self_speculative_request(self, generation_mode, generation_config, generation_mode_kwargs)
+
+    # Override: `assistant_early_exit` drafts with our shared-cache generator.
+    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs):
+        if generation_config.assistant_early_exit is None:
+            return super()._get_candidate_generator(
+                generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs
+            )
+        return SelfSpeculativeCandidateGenerator(self, generation_config, logits_processor)
+
+    # Override: verification runs only the layers the draft has not run, over one shared cache.
+    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):
+        if generation_config.assistant_early_exit is None:
+            return super()._assisted_decoding(input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+        return self_speculative_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs)
+
+
+__all__ = ["LayerSkipLlamaModel", "LayerSkipLlamaForCausalLM", "LayerSkipModelOutput", "LayerSkipCausalLMOutput"]
