@@ -1,0 +1,68 @@
+"""Which exits the early-exit loss trains at each step (LayerSkip, arXiv 2404.16710, section 4.2).
+
+Each curriculum is a pure function of the optimizer step, so a resumed run continues the schedule exactly.
+The last layer is always on.
+"""
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NoCurriculum:
+    """Every exit, every step."""
+
+    def active_layers(self, step: int, num_layers: int, max_steps: int) -> list[int]:
+        return list(range(num_layers))
+
+
+@dataclass(frozen=True)
+class RotationalCurriculum:
+    """Every `period`-th early exit, shifted by one layer each step: at step t, the layers l < L−1 with
+    l ≡ t (mod period), and the last layer."""
+
+    period: int
+
+    def __post_init__(self):
+        if self.period < 1:
+            raise ValueError(f"`period` must be >= 1, got {self.period!r}.")
+
+    def active_layers(self, step: int, num_layers: int, max_steps: int) -> list[int]:
+        offset = step % self.period
+        return [*range(offset, num_layers - 1, self.period), num_layers - 1]
+
+
+@dataclass(frozen=True)
+class GradualCurriculum:
+    """Early exits switched on one by one from the last towards the first, all of them on after `fraction` of
+    the `max_steps` steps: early layer l switches on at step ⌈(L−1−l)/(L−1)·fraction·max_steps⌉."""
+
+    fraction: float
+
+    def __post_init__(self):
+        if not 0.0 < self.fraction <= 1.0:
+            raise ValueError(f"`fraction` must be in (0, 1], got {self.fraction!r}.")
+
+    def switch_on_step(self, layer: int, num_layers: int, max_steps: int) -> int:
+        """The first step at which the exit after `layer` is trained."""
+        num_early = num_layers - 1
+        return math.ceil((num_early - layer) * self.fraction * max_steps / num_early)
+
+    def active_layers(self, step: int, num_layers: int, max_steps: int) -> list[int]:
+        early = [layer for layer in range(num_layers - 1) if step >= self.switch_on_step(layer, num_layers, max_steps)]
+        return [*early, num_layers - 1]
+
+
+EarlyExitCurriculum = NoCurriculum | RotationalCurriculum | GradualCurriculum
+
+
+def build_curriculum(name: str, period: int = 8, gradual_fraction: float = 0.5) -> EarlyExitCurriculum:
+    """The curriculum called `name`: `"none"`, `"rotational"` (uses `period`) or `"gradual"` (uses
+    `gradual_fraction`)."""
+    if name == "none":
+        return NoCurriculum()
+    if name == "rotational":
+        return RotationalCurriculum(period)
+    if name == "gradual":
+        return GradualCurriculum(gradual_fraction)
+    raise ValueError(f"The early-exit curriculum must be one of 'none', 'rotational', 'gradual', got {name!r}.")

@@ -1,0 +1,184 @@
+"""`LayerSkipTrainingArguments`: `TrainingArguments` plus the LayerSkip recipe's settings.
+
+Every LayerSkip argument defaults to `None`, meaning "the model config's value"; the config's defaults are the
+paper's continual-pretraining recipe (early-exit loss and layer dropout both on).
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from ..modeling.configuration_layerskip_llama import (
+    EARLY_EXIT_CURRICULA,
+    EARLY_EXIT_LAYER_WEIGHTINGS,
+    LAYER_DROPOUT_SCALES,
+)
+from .curriculum import EarlyExitCurriculum, build_curriculum
+from .layer_dropout_schedule import LAYER_DROPOUT_TIME_CURRICULA, LayerDropoutSchedule
+from .layer_weights import early_exit_layer_weights
+
+# The fields that fall back to the model config's field of the same name.
+CONFIG_BACKED_FIELDS = (
+    "layer_dropout_max",
+    "layer_dropout_scale",
+    "layer_dropout_layers",
+    "early_exit_loss_scale",
+    "early_exit_layer_weighting",
+    "early_exit_curriculum",
+    "early_exit_curriculum_period",
+    "early_exit_gradual_fraction",
+)
+
+
+@dataclass
+class LayerSkipTrainingArguments(TrainingArguments):
+    """`TrainingArguments` plus the LayerSkip settings; `None` means "from the model config"."""
+
+    layer_dropout_max: float | None = field(
+        default=None,
+        metadata={
+            "help": "LayerSkip: largest layer-dropout rate p_max, in [0, 1]; 0 turns layer dropout off. "
+            "Default: the model config's `layer_dropout_max` (0.1, the paper's continual-pretraining value)."
+        },
+    )
+    layer_dropout_scale: str | None = field(
+        default=None,
+        metadata={
+            "help": "LayerSkip: how the dropout rate grows with depth l of L: exponential p_max·(2^(l/(L-1)) - 1), "
+            "linear p_max·l/(L-1) or uniform p_max. Default: the model config's (exponential, as in the paper).",
+            "choices": list(LAYER_DROPOUT_SCALES),
+        },
+    )
+    layer_dropout_layers: list[int] | None = field(
+        default=None,
+        metadata={"help": "LayerSkip: indices of the layers that may be dropped. Default: the model config's (all)."},
+    )
+    layer_dropout_time_curriculum: str = field(
+        default="constant",
+        metadata={
+            "help": "LayerSkip: how the dropout rates grow over training: constant (S(t)=1, the paper's choice for "
+            "continual pretraining and fine-tuning) or exponential (S(t)=2^(t/T)-1, for pretraining from scratch).",
+            "choices": list(LAYER_DROPOUT_TIME_CURRICULA),
+        },
+    )
+    early_exit_loss_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "LayerSkip: e_scale, the weight of the early exits' losses relative to the last layer's before "
+            "normalisation, in [0, 1]; 0 trains the last layer only. Default: the model config's (0.1, the paper's)."
+        },
+    )
+    early_exit_layer_weighting: str | None = field(
+        default=None,
+        metadata={
+            "help": "LayerSkip: depth profile of the exit weights over depth d = l+1: uniform 1, linear d, cumulative "
+            "d(d-1)/2 (the paper's sum_{i<=l} i), sqrt, inverse 1/d, inverse_sqrt. Default: the model config's "
+            "(cumulative).",
+            "choices": list(EARLY_EXIT_LAYER_WEIGHTINGS),
+        },
+    )
+    early_exit_curriculum: str | None = field(
+        default=None,
+        metadata={
+            "help": "LayerSkip: which exits are trained each step: none (all of them), rotational (every R-th layer, "
+            "shifted by one each step) or gradual (switched on from the last layer towards the first). The last "
+            "layer is always trained. Default: the model config's (rotational, as in the paper's continual "
+            "pretraining).",
+            "choices": list(EARLY_EXIT_CURRICULA),
+        },
+    )
+    early_exit_curriculum_period: int | None = field(
+        default=None,
+        metadata={"help": "LayerSkip: R of the rotational curriculum, >= 1. Default: the model config's (8)."},
+    )
+    early_exit_gradual_fraction: float | None = field(
+        default=None,
+        metadata={
+            "help": "LayerSkip: fraction of max_steps after which the gradual curriculum has switched every exit on, "
+            "in (0, 1]. Default: the model config's (0.5)."
+        },
+    )
+    early_exit_loss_chunk_size: int = field(
+        default=2048,
+        metadata={
+            "help": "LayerSkip: the most (exit, token) rows projected through the LM head at once; the logits of one "
+            "chunk take chunk_size × vocab_size × 4 bytes (400 MB for 2048 rows and a 49k vocabulary)."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.early_exit_loss_chunk_size < 1:
+            raise ValueError(f"`early_exit_loss_chunk_size` must be >= 1, got {self.early_exit_loss_chunk_size!r}.")
+
+    def layerskip_recipe(self, config) -> "LayerSkipRecipe":
+        """The settings in force for a model with `config`: each argument, or the config's value where `None`."""
+        return resolve_layerskip_recipe(self, config)
+
+
+@dataclass(frozen=True)
+class LayerSkipRecipe:
+    """The resolved LayerSkip settings of a training run: layer dropout, exit curriculum and exit weights."""
+
+    num_layers: int
+    layer_dropout: LayerDropoutSchedule
+    curriculum: EarlyExitCurriculum
+    layer_weighting: str
+    loss_scale: float
+    loss_chunk_size: int
+
+    def exits(self, step: int, max_steps: int) -> tuple[list[int], torch.Tensor]:
+        """`(layers, weights (len(layers),))`: the exits trained at `step`, those with weight 0 left out."""
+        layers = self.curriculum.active_layers(step, self.num_layers, max_steps)
+        weights = early_exit_layer_weights(layers, self.num_layers, self.layer_weighting, self.loss_scale)
+        kept = weights > 0
+        return [layer for layer, keep in zip(layers, kept.tolist()) if keep], weights[kept]
+
+
+def resolve_layerskip_recipe(args: TrainingArguments, config) -> LayerSkipRecipe:
+    """`args`' LayerSkip settings over `config`'s (`args` may be a plain `TrainingArguments`)."""
+    settings = {name: getattr(args, name, None) for name in CONFIG_BACKED_FIELDS}
+    settings = {name: getattr(config, name) if value is None else value for name, value in settings.items()}
+    num_layers = config.num_hidden_layers
+    _check_range("early_exit_loss_scale", settings["early_exit_loss_scale"], 0.0, 1.0)
+    _check_choice("early_exit_layer_weighting", settings["early_exit_layer_weighting"], EARLY_EXIT_LAYER_WEIGHTINGS)
+    _check_choice("layer_dropout_scale", settings["layer_dropout_scale"], LAYER_DROPOUT_SCALES)
+    _check_range("layer_dropout_max", settings["layer_dropout_max"], 0.0, 1.0)
+    _check_layers("layer_dropout_layers", settings["layer_dropout_layers"], num_layers)
+    _check_choice("early_exit_curriculum", settings["early_exit_curriculum"], EARLY_EXIT_CURRICULA)
+    return LayerSkipRecipe(
+        num_layers=num_layers,
+        layer_dropout=LayerDropoutSchedule(
+            num_layers,
+            settings["layer_dropout_max"],
+            settings["layer_dropout_scale"],
+            settings["layer_dropout_layers"],
+            getattr(args, "layer_dropout_time_curriculum", "constant"),
+        ),
+        curriculum=build_curriculum(
+            settings["early_exit_curriculum"],
+            settings["early_exit_curriculum_period"],
+            settings["early_exit_gradual_fraction"],
+        ),
+        layer_weighting=settings["early_exit_layer_weighting"],
+        loss_scale=settings["early_exit_loss_scale"],
+        loss_chunk_size=getattr(args, "early_exit_loss_chunk_size", 2048),
+    )
+
+
+def _check_range(name, value, low, high):
+    if not low <= value <= high:
+        raise ValueError(f"`{name}` must be in [{low}, {high}], got {value!r}.")
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
+
+
+def _check_layers(name, layers: Sequence[int] | None, num_layers):
+    for layer in layers or ():
+        if not 0 <= layer < num_layers:
+            raise ValueError(f"`{name}` must hold layer indices in [0, {num_layers - 1}], got {layer!r}.")
