@@ -3,13 +3,15 @@
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .modeling import LayerSkipLlamaConfig, LayerSkipLlamaForCausalLM
+from .modeling.configuration_layerskip_llama import LAYERSKIP_FIELDS
 
 LLAMA_MODEL_TYPES = ("llama", LayerSkipLlamaConfig.model_type)
-# Keys of a source config that describe how it was stored, not the architecture.
-_SOURCE_ONLY_CONFIG_KEYS = ("model_type", "architectures", "quantization_config", "auto_map", "_name_or_path", "dtype")
+# Keys of a source config that describe how or where it was stored, not the architecture. Keys starting with "_"
+# (`_name_or_path`, GGUF's `_model_name_or_path`) are dropped too.
+_SOURCE_ONLY_CONFIG_KEYS = ("model_type", "architectures", "quantization_config", "auto_map", "dtype", "transformers_version")
 
 
 def split_source(source: str | Path) -> tuple[Path, str | None]:
@@ -24,44 +26,88 @@ def split_source(source: str | Path) -> tuple[Path, str | None]:
     return source, None
 
 
-def load_as_layerskip(source: str | Path, dtype: torch.dtype = torch.float32, **layerskip_settings):
+def _require_llama(model_type: str, source) -> None:
+    if model_type not in LLAMA_MODEL_TYPES:
+        raise ValueError(
+            f"Only Llama-architecture models convert to LayerSkip, got model_type={model_type!r} from {source} "
+            f"(allowed: {', '.join(LLAMA_MODEL_TYPES)})."
+        )
+
+
+def _check_settings(layerskip_settings: dict) -> None:
+    unknown = sorted(set(layerskip_settings) - set(LAYERSKIP_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown LayerSkip settings {unknown}; allowed: {', '.join(LAYERSKIP_FIELDS)}.")
+
+
+def load_as_layerskip(
+    source: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **layerskip_settings
+):
     """Loads a Llama checkpoint (directory or GGUF) as a `LayerSkipLlamaForCausalLM` with plain, unquantized weights.
 
     A model loaded from GGUF is marked quantized and refuses `save_pretrained`, so its dequantized weights are
-    moved into a fresh model. `layerskip_settings` are `LayerSkipLlamaConfig` fields (`exit_layer=8`, ...).
-    Returns `(model, tokenizer)`.
+    moved into a fresh model. `layerskip_settings` are `LayerSkipLlamaConfig` fields (`exit_layer=8`, ...); `None`
+    values keep the source's or the default value. `trust_remote_code` is passed to every loader (for sources
+    with a custom tokenizer or config class). Returns `(model, tokenizer)`.
     """
+    _check_settings(layerskip_settings)
     directory, gguf_file = split_source(source)
-    source_model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=dtype)
-    model_type = source_model.config.model_type
-    if model_type not in LLAMA_MODEL_TYPES:
-        raise ValueError(f"Only Llama-architecture models convert, got model_type={model_type!r} from {source}.")
-    settings = {k: v for k, v in source_model.config.to_dict().items() if k not in _SOURCE_ONLY_CONFIG_KEYS}
-    settings.update({k: v for k, v in layerskip_settings.items() if v is not None})
+    loader_kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+    # Reading a GGUF file's config costs as much as loading its weights, so GGUF sources are checked after loading.
+    if gguf_file is None:
+        _require_llama(AutoConfig.from_pretrained(directory, **loader_kwargs).model_type, source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **loader_kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"Could not load a tokenizer from {source}; a checkpoint needs one. ({error})") from error
+    source_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **loader_kwargs)
+    _require_llama(source_model.config.model_type, source)
+
+    settings = {
+        key: value
+        for key, value in source_model.config.to_dict().items()
+        if key not in _SOURCE_ONLY_CONFIG_KEYS and not key.startswith("_")
+    }
+    settings.update({key: value for key, value in layerskip_settings.items() if value is not None})
     config = LayerSkipLlamaConfig(**settings)
     with torch.device("meta"):
         model = LayerSkipLlamaForCausalLM(config)
-    model.load_state_dict(source_model.state_dict(), strict=False, assign=True)
+    model.load_state_dict(source_model.state_dict(), strict=True, assign=True)
+    _copy_non_persistent_buffers(source_model, model)
     model.tie_weights()
     model.to(dtype).eval()
     model.generation_config = GenerationConfig.from_dict(
         {**source_model.generation_config.to_diff_dict(), **_speculation_defaults(config), "_from_model_config": False}
     )
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
     return model, tokenizer
+
+
+def _copy_non_persistent_buffers(source: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Moves buffers that state dicts leave out (the rotary tables) from `source` into `target`, built on meta."""
+    source_buffers = dict(source.named_buffers())
+    for name, buffer in list(target.named_buffers()):
+        if buffer.is_meta:
+            module_name, _, buffer_name = name.rpartition(".")
+            target.get_submodule(module_name).register_buffer(buffer_name, source_buffers[name], persistent=False)
 
 
 def _speculation_defaults(config: LayerSkipLlamaConfig) -> dict:
     return {"num_assistant_tokens": config.num_speculations, "assistant_confidence_threshold": 0.0}
 
 
-def convert(source: str | Path, output_dir: str | Path, dtype: torch.dtype = torch.float32, **layerskip_settings) -> Path:
+def convert(
+    source: str | Path,
+    output_dir: str | Path,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+    **layerskip_settings,
+) -> Path:
     """Converts `source` (Llama directory or GGUF file) into a LayerSkip checkpoint at `output_dir`.
 
     The checkpoint holds safetensors weights, the config, the tokenizer, the generation config and the model's
     code, so it loads with `trust_remote_code=True` where `hf_layerskip` is not installed.
     """
-    model, tokenizer = load_as_layerskip(source, dtype=dtype, **layerskip_settings)
+    model, tokenizer = load_as_layerskip(source, dtype=dtype, trust_remote_code=trust_remote_code, **layerskip_settings)
     output_dir = Path(output_dir)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)

