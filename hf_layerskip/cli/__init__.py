@@ -3,7 +3,7 @@
 import argparse
 import importlib
 
-SUBCOMMANDS = ("convert", "generate")
+SUBCOMMANDS = ("convert", "generate", "train")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,6 +11,8 @@ from pathlib import Path
 import datasets
 import numpy as np
 
+SAMPLE_BY_CHOICES = ("document", "paragraph", "line")
+DEFAULT_SAMPLE_BY = "document"
 JSON_SUFFIXES = (".jsonl", ".json")
 PARQUET_SUFFIXES = (".parquet",)
 
@@ -72,7 +74,9 @@ def _check_json(path: Path, text_column: str) -> None:
             try:
                 numbered.append((line_number, json.loads(line)))
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: malformed JSON line: {error.msg} (column {error.colno}).") from None
+                raise ValueError(
+                    f"{path}:{line_number}: malformed JSON line: {error.msg} (column {error.colno})."
+                ) from None
     if not numbered:
         raise ValueError(f"Data file has no records: {path}")
     for index, (line_number, record) in enumerate(numbered):
@@ -110,7 +114,9 @@ def check_sequence_length(seq_length: int, config, model_path) -> None:
         )
 
 
-def load_text_dataset(paths: list[Path], text_column: str = "text", sample_by: str = "document") -> datasets.Dataset:
+def load_text_dataset(
+    paths: list[Path], text_column: str = "text", sample_by: str = DEFAULT_SAMPLE_BY
+) -> datasets.Dataset:
     """One `text` column from every file: plain-text files first, then JSON, then parquet, each group in the
     order given. A plain-text file gives one row per `sample_by` unit
     (`"document"`: the whole file, `"paragraph"`, or `"line"`)."""
@@ -156,5 +162,7 @@ def tokenize_and_pack(
     )
     if len(packed) == 0:
         num_tokens = sum(len(ids) for ids in tokenized["ids"])
-        raise ValueError(f"The data files hold {num_tokens} tokens, fewer than one sequence of seq_length={seq_length}.")
+        raise ValueError(
+            f"The data files hold {num_tokens} tokens, fewer than one sequence of seq_length={seq_length}."
+        )
     return packed

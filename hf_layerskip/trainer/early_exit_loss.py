@@ -66,12 +66,16 @@ def early_exit_loss_sums(
     for start in range(0, hidden_rows.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         if remember:
-            chunk = checkpoint(_row_cross_entropy, exit_logits, hidden_rows[rows], target_rows[rows], use_reentrant=False)
+            chunk = checkpoint(
+                _row_cross_entropy, exit_logits, hidden_rows[rows], target_rows[rows], use_reentrant=False
+            )
         else:
             chunk = _row_cross_entropy(exit_logits, hidden_rows[rows], target_rows[rows])
         row_losses.append(chunk)
     if not row_losses:  # no targets: zero losses that still reach the graph, so backward() works
-        return hidden_rows.float().sum() + torch.zeros(num_exits, device=labels.device), torch.tensor(0, device=labels.device)
+        return hidden_rows.float().sum() + torch.zeros(num_exits, device=labels.device), torch.tensor(
+            0, device=labels.device
+        )
     loss_sums = torch.cat(row_losses).view(num_exits, num_targets).sum(dim=1)  # (K,)
     return loss_sums, torch.tensor(num_targets, device=labels.device)
 

@@ -5,7 +5,7 @@ paper's continual-pretraining recipe (early-exit loss and layer dropout both on)
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from transformers import TrainingArguments
@@ -116,6 +116,12 @@ class LayerSkipTrainingArguments(TrainingArguments):
     def layerskip_recipe(self, config) -> "LayerSkipRecipe":
         """The settings in force for a model with `config`: each argument, or the config's value where `None`."""
         return resolve_layerskip_recipe(self, config)
+
+
+# The arguments LayerSkipTrainingArguments adds to TrainingArguments.
+LAYERSKIP_ARGUMENT_NAMES = tuple(
+    f.name for f in fields(LayerSkipTrainingArguments) if f.name not in {g.name for g in fields(TrainingArguments)}
+)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-
-from hf_layerskip.trainer import early_exit_loss, early_exit_loss_sums
 from conftest import tiny_model
 from trainer_helpers import per_layer_loop_loss
+
+from hf_layerskip.trainer import early_exit_loss, early_exit_loss_sums
 
 
 def batch(seed=0, batch_size=3, seq_len=12, vocab_size=128):
@@ -33,7 +33,9 @@ def test_vectorised_loss_and_gradients_equal_per_layer_loop(chunk_size):
     reference_grads = gradients(model)
 
     model.zero_grad()
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_layer_hidden_states=True, use_cache=False)
+    outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_layer_hidden_states=True, use_cache=False
+    )
     hidden = [outputs.layer_hidden_states[layer] for layer in layers]
     loss = early_exit_loss(model.exit_logits, hidden, labels, weights, attention_mask, chunk_size)
     loss.backward()
@@ -95,7 +97,9 @@ def test_no_full_logits_are_kept_for_backward():
     model = tiny_model().train()
     vocab_size = model.config.vocab_size
     input_ids, labels, attention_mask = batch(seed=4)
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_layer_hidden_states=True, use_cache=False)
+    outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_layer_hidden_states=True, use_cache=False
+    )
     hidden = [outputs.layer_hidden_states[layer] for layer in (0, 3, 5)]
     saved_shapes = []
 

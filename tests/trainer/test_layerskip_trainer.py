@@ -48,7 +48,11 @@ def test_arguments_override_the_model_config(tmp_path):
     trainer = LayerSkipTrainer(tiny_model(), args)
     recipe = trainer.layerskip_recipe
     assert not recipe.layer_dropout.enabled
-    assert (recipe.loss_scale, recipe.layer_weighting, type(recipe.curriculum).__name__) == (0.5, "inverse", "NoCurriculum")
+    assert (recipe.loss_scale, recipe.layer_weighting, type(recipe.curriculum).__name__) == (
+        0.5,
+        "inverse",
+        "NoCurriculum",
+    )
     assert trainer.args.ddp_find_unused_parameters is None  # left to the Trainer when nothing is dropped
 
 

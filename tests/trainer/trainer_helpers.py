@@ -9,7 +9,9 @@ from hf_layerskip.trainer import LayerSkipTrainingArguments
 
 def per_layer_loop_loss(model, input_ids, labels, attention_mask, layers, weights):
     """Reference: each exit's full logits, the standard shifted cross-entropy, weighted."""
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_layer_hidden_states=True, use_cache=False)
+    outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_layer_hidden_states=True, use_cache=False
+    )
     shifted = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
     total = 0.0
     for layer, weight in zip(layers, weights):
@@ -59,3 +61,23 @@ class CaptureLogs(TrainerCallback):
         self.logs.append({**logs, "step": state.global_step})
 
 
+def char_tokenizer():
+    """A character-level fast tokenizer over printable ASCII: fewer than 128 ids, EOS id 1."""
+    import string
+
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1, **{char: index + 2 for index, char in enumerate(string.printable)}}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_checkpoint(directory, **overrides):
+    """Saves a tiny LayerSkip model with the character tokenizer to `directory`; returns the model."""
+    from conftest import tiny_model
+
+    model = tiny_model(**{"max_position_embeddings": 64, "eos_token_id": 1, **overrides})
+    model.save_pretrained(directory)
+    char_tokenizer().save_pretrained(directory)
+    return model
