@@ -74,8 +74,8 @@ class LayerSkipTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "LayerSkip: depth profile of the exit weights over depth d = l+1: uniform 1, linear d, cumulative "
-            "d(d-1)/2 (the paper's sum_{i<=l} i), sqrt, inverse 1/d, inverse_sqrt. Default: the model config's "
-            "(cumulative).",
+            "d(d-1)/2 (the paper's sum_{i<=l} i; 0 for the first layer), sqrt, inverse 1/d, inverse_sqrt. "
+            "Default: the model config's (cumulative).",
             "choices": list(EARLY_EXIT_LAYER_WEIGHTINGS),
         },
     )
