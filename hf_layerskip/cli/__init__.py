@@ -3,7 +3,7 @@
 import argparse
 import importlib
 
-SUBCOMMANDS = ("convert", "generate", "train")
+SUBCOMMANDS = ("convert", "generate", "train", "benchmark", "sweep", "layers", "correctness")
 
 
 def build_parser() -> argparse.ArgumentParser:

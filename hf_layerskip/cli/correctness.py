@@ -1,0 +1,93 @@
+"""`hf-layerskip correctness`: greedy self-speculative decoding must equal plain greedy decoding, token for token."""
+
+import argparse
+
+from .measure_options import (
+    add_generation_arguments,
+    add_model_arguments,
+    add_prompt_arguments,
+    check_exit_layers,
+    load_encoded_prompts,
+    load_model,
+    parse_pairs,
+    write_json,
+)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "correctness",
+        help="check that greedy self-speculative decoding equals plain greedy decoding (exit 1 on a mismatch)",
+        description=(
+            "Greedy-decode each prompt plainly, then self-speculatively at every (E, d) pair, and compare the new "
+            "tokens. Exits with status 1 on any mismatch, and reports for each the first differing position and "
+            "whether it sits at a numerical tie: the full model's logit gap there between the plain token and the "
+            "speculative one is at most --tie-tolerance (then the verification pass, which processes several "
+            "positions at once, may legitimately round the other way)."
+        ),
+    )
+    add_model_arguments(parser)
+    add_prompt_arguments(parser, default_count=10)
+    add_generation_arguments(parser, default_new_tokens=64)
+    parser.add_argument(
+        "--pairs",
+        type=parse_pairs,
+        default=None,
+        metavar="E:d,...",
+        help="(exit layer, draft length) pairs, e.g. 8:2,20:4 (default: E at L/4, L/2 and 3L/4, each with d = 1 and 4)",
+    )
+    parser.add_argument(
+        "--tie-tolerance",
+        type=float,
+        default=None,
+        metavar="GAP",
+        help="largest logit gap that counts as a numerical tie (default by dtype: float32 1e-3, float16 2e-2, "
+        "bfloat16 1e-1)",
+    )
+    parser.add_argument(
+        "--output", default=None, metavar="PATH", help="also write every check to this JSON file (default: none)"
+    )
+    parser.set_defaults(run=run)
+
+
+def default_pairs(num_layers: int) -> list[tuple[int, int]]:
+    exit_layers = sorted({max(num_layers * k // 4, 1) for k in (1, 2, 3)})
+    return [(e, d) for e in exit_layers for d in (1, 4)]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..generation.correctness import check_correctness
+
+    model, tokenizer = load_model(args.model, args.dtype, args.device, "correctness")
+    pairs = args.pairs or default_pairs(model.config.num_hidden_layers)
+    check_exit_layers([e for e, _ in pairs], model, "correctness")
+    if min(d for _, d in pairs) < 1:
+        raise SystemExit(f"hf-layerskip correctness: draft lengths must be at least 1, got {pairs}.")
+    prompts, encoded = load_encoded_prompts(args, tokenizer, model.device)
+    checks = check_correctness(
+        model, [p.id for p in prompts], encoded, pairs, args.max_new_tokens, args.tie_tolerance, not args.no_progress
+    )
+
+    failures = [c for c in checks if not c.passed]
+    for exit_layer, speculations in pairs:
+        mine = [c for c in checks if (c.exit_layer, c.num_speculations) == (exit_layer, speculations)]
+        rate = sum(c.acceptance_rate for c in mine) / len(mine)
+        bad = sum(not c.passed for c in mine)
+        print(
+            f"E={exit_layer} d={speculations}: {len(mine) - bad}/{len(mine)} prompts identical, "
+            f"mean acceptance {rate:.3f}"
+        )
+    for c in failures:
+        where = f"first mismatch at new token {c.mismatch_position}"
+        if c.logit_gap is None:
+            detail = "one output ended earlier"
+        else:
+            detail = (
+                f"plain {c.plain_token} vs speculative {c.speculative_token}, logit gap {c.logit_gap:.3g} "
+                f"({'numerical tie' if c.is_tie else 'not a tie'})"
+            )
+        print(f"MISMATCH {c.prompt_id} E={c.exit_layer} d={c.num_speculations}: {where}: {detail}")
+    if args.output:
+        write_json(args.output, {"pairs": pairs, "checks": [c.to_dict() for c in checks]})
+    print(f"{len(failures)} mismatches in {len(checks)} checks")
+    return 1 if failures else 0

@@ -1,0 +1,161 @@
+"""The decoding strategies a benchmark compares, each run as one timed greedy `generate` call."""
+
+import copy
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .builtin import plain_llama_view
+
+STRATEGY_KINDS = ("plain", "early_exit", "self_speculative", "builtin")
+LOSSLESS_KINDS = ("plain", "self_speculative", "builtin")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """One way to decode: `kind` plus its exit layer `E` and draft length `d` where they apply."""
+
+    kind: str
+    exit_layer: int | None = None
+    num_speculations: int | None = None
+
+    def __post_init__(self):
+        if self.kind not in STRATEGY_KINDS:
+            raise ValueError(f"Unknown strategy {self.kind!r}; choose from {STRATEGY_KINDS}.")
+        if self.kind != "plain" and self.exit_layer is None:
+            raise ValueError(f"Strategy {self.kind!r} needs an exit layer.")
+        if self.kind in ("self_speculative", "builtin") and self.num_speculations is None:
+            raise ValueError(f"Strategy {self.kind!r} needs a number of speculations.")
+
+    @property
+    def lossless(self) -> bool:
+        """Greedy output must equal plain greedy decoding token for token."""
+        return self.kind in LOSSLESS_KINDS
+
+    @property
+    def speculative(self) -> bool:
+        return self.kind in ("self_speculative", "builtin")
+
+    @property
+    def name(self) -> str:
+        if self.kind == "plain":
+            return "plain"
+        if self.kind == "early_exit":
+            return f"early_exit(E={self.exit_layer})"
+        return f"{self.kind}(E={self.exit_layer},d={self.num_speculations})"
+
+
+def standard_strategies(kinds, exit_layer: int, num_speculations: int) -> list[Strategy]:
+    """The strategies named in `kinds`, all at the same `(E, d)`."""
+    return [
+        Strategy(
+            kind,
+            None if kind == "plain" else exit_layer,
+            num_speculations if kind in ("self_speculative", "builtin") else None,
+        )
+        for kind in kinds
+    ]
+
+
+@dataclass
+class GenerationRecord:
+    """One timed call: the new tokens `(num_new,)` and, for speculative strategies, the round counts."""
+
+    new_tokens: torch.LongTensor
+    seconds: float
+    rounds: int | None = None
+    drafted_tokens: int | None = None
+    accepted_tokens: int | None = None
+
+
+class _CountingCandidates:
+    """Wraps a transformers candidate generator to count rounds, drafted and accepted tokens.
+
+    Transformers' assisted decoding reports each round through `update_candidate_strategy(ids, scores, n_matches)`,
+    where `scores` `(1, num_drafted + 1, vocab_size)`.
+    """
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.rounds = self.drafted_tokens = self.accepted_tokens = 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def update_candidate_strategy(self, input_ids, scores, num_matches):
+        self.rounds += 1
+        self.drafted_tokens += scores.shape[1] - 1
+        self.accepted_tokens += int(num_matches)
+        return self.inner.update_candidate_strategy(input_ids, scores, num_matches)
+
+
+class StrategyRunner:
+    """Runs any strategy on one model; transformers' built-in path runs on a plain-Llama view of the same weights."""
+
+    def __init__(self, model):
+        self.model = model
+        self._builtin_model = None
+        self._builtin_counter: _CountingCandidates | None = None
+
+    @property
+    def builtin_model(self):
+        if self._builtin_model is None:
+            view = plain_llama_view(self.model)
+            make_candidates = view._get_candidate_generator
+
+            def counted(*args, **kwargs):
+                self._builtin_counter = _CountingCandidates(make_candidates(*args, **kwargs))
+                return self._builtin_counter
+
+            view._get_candidate_generator = counted  # instance attribute: counts this view's rounds only
+            # Transformers reads the draft length and confidence threshold from the assistant's (here: the view's)
+            # own generation config, not from the `generate` call, so the view gets a copy it can set per call.
+            view.generation_config = copy.deepcopy(self.model.generation_config)
+            self._builtin_model = view
+        return self._builtin_model
+
+    def _synchronize(self):
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
+
+    @torch.inference_mode()
+    def run(
+        self, strategy: Strategy, input_ids: torch.LongTensor, max_new_tokens: int, **generate_kwargs
+    ) -> GenerationRecord:
+        """Greedy-decodes `max_new_tokens` after `input_ids` `(1, prompt_length)` with `strategy`, timing the call."""
+        kwargs = dict(do_sample=False, max_new_tokens=max_new_tokens, **generate_kwargs)
+        model = self.model
+        if strategy.kind == "early_exit":
+            kwargs["early_exit"] = strategy.exit_layer
+        elif strategy.kind == "self_speculative":
+            kwargs.update(
+                assistant_early_exit=strategy.exit_layer,
+                num_assistant_tokens=strategy.num_speculations,
+                assistant_confidence_threshold=0.0,
+                return_dict_in_generate=True,
+            )
+        elif strategy.kind == "builtin":
+            model = self.builtin_model
+            model.generation_config.update(
+                num_assistant_tokens=strategy.num_speculations,
+                num_assistant_tokens_schedule="constant",
+                assistant_confidence_threshold=0.0,
+            )
+            kwargs["assistant_early_exit"] = strategy.exit_layer
+        self._synchronize()
+        start = time.perf_counter()
+        output = model.generate(input_ids, **kwargs)
+        self._synchronize()
+        seconds = time.perf_counter() - start
+
+        sequences = output.sequences if strategy.kind == "self_speculative" else output
+        record = GenerationRecord(sequences[0, input_ids.shape[1] :].cpu(), seconds)
+        if strategy.kind == "self_speculative":
+            record.rounds, record.drafted_tokens = output.rounds, output.drafted_tokens
+            record.accepted_tokens = output.accepted_tokens
+        elif strategy.kind == "builtin":
+            counter = self._builtin_counter
+            record.rounds, record.drafted_tokens = counter.rounds, counter.drafted_tokens
+            record.accepted_tokens = counter.accepted_tokens
+        return record

@@ -1,0 +1,219 @@
+"""A resumable grid of self-speculative settings (E × d), each timed against plain greedy decoding.
+
+Everything lives in one output folder, so a killed sweep continues where it stopped:
+
+- `settings.json`: what the sweep measures (model, prompts, lengths); a rerun must ask for the same;
+- `plain.csv`: one row per prompt with plain decoding's time and tokens (the cached baseline);
+- `sweep.csv`: one row per finished (E, d) cell, appended as soon as the cell is done.
+"""
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import first_mismatch
+from .strategies import Strategy, StrategyRunner
+
+PLAIN_FIELDS = ("prompt_id", "new_tokens", "seconds", "tokens")
+
+
+@dataclass
+class SweepCell:
+    """One (E, d) cell over all prompts; `speedup` is the plain baseline's ms/token over this cell's."""
+
+    exit_layer: int
+    num_speculations: int
+    prompts: int
+    new_tokens: int
+    seconds: float
+    tokens_per_s: float
+    ms_per_token: float
+    speedup: float
+    acceptance_rate: float
+    tokens_per_round: float
+    mismatches: int
+
+    @classmethod
+    def from_row(cls, row: dict) -> "SweepCell":
+        return cls(**{f.name: f.type(row[f.name]) for f in fields(cls)})  # every field is an int or a float
+
+
+CELL_FIELDS = tuple(f.name for f in fields(SweepCell))
+
+
+@dataclass
+class SweepFiles:
+    directory: Path
+
+    @property
+    def settings(self) -> Path:
+        return self.directory / "settings.json"
+
+    @property
+    def plain(self) -> Path:
+        return self.directory / "plain.csv"
+
+    @property
+    def cells(self) -> Path:
+        return self.directory / "sweep.csv"
+
+    @property
+    def heatmap(self) -> Path:
+        return self.directory / "speedup_heatmap.png"
+
+
+def _append_row(path: Path, names: tuple[str, ...], row: dict) -> None:
+    is_new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=names)
+        if is_new:
+            writer.writeheader()
+        writer.writerow(row)
+        file.flush()
+
+
+def _read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def read_cells(path: Path) -> list[SweepCell]:
+    """The finished cells of a `sweep.csv`."""
+    return [SweepCell.from_row(row) for row in _read_rows(path)]
+
+
+def _check_settings(files: SweepFiles, settings: dict) -> None:
+    """Writes `settings.json` for a new sweep; refuses to resume one that measured something else."""
+    if files.settings.is_file():
+        saved = json.loads(files.settings.read_text())
+        if saved != settings:
+            differing = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
+            raise ValueError(
+                f"{files.directory} holds a sweep with other settings (differing: {differing}); "
+                "use another output folder, or the same settings to resume it."
+            )
+    else:
+        files.settings.write_text(json.dumps(settings, indent=2))
+
+
+@dataclass
+class PlainBaseline:
+    """Plain greedy decoding per prompt: new tokens `(n,)` and seconds."""
+
+    tokens: list[torch.LongTensor]
+    seconds: list[float]
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1000 * sum(self.seconds) / max(sum(len(t) for t in self.tokens), 1)
+
+
+def _plain_baseline(runner, prompt_ids, encoded, max_new_tokens, files, progress) -> PlainBaseline:
+    """Plain decoding of every prompt, timed once and cached in `plain.csv`."""
+    cached = {row["prompt_id"]: row for row in _read_rows(files.plain)}
+    tokens, seconds = [], []
+    for prompt_id, input_ids in zip(tqdm(prompt_ids, desc="plain baseline", disable=not progress), encoded):
+        if prompt_id not in cached:
+            record = runner.run(Strategy("plain"), input_ids, max_new_tokens)
+            row = {
+                "prompt_id": prompt_id,
+                "new_tokens": len(record.new_tokens),
+                "seconds": record.seconds,
+                "tokens": " ".join(str(t) for t in record.new_tokens.tolist()),
+            }
+            _append_row(files.plain, PLAIN_FIELDS, row)
+            cached[prompt_id] = row
+        row = cached[prompt_id]
+        tokens.append(torch.tensor([int(t) for t in row["tokens"].split()], dtype=torch.long))
+        seconds.append(float(row["seconds"]))
+    return PlainBaseline(tokens, seconds)
+
+
+@dataclass
+class SweepResult:
+    cells: list[SweepCell]  # every finished cell, earlier runs included, in grid order
+    measured_now: list[tuple[int, int]]  # the (E, d) cells this call measured
+    pending: list[tuple[int, int]]  # cells still to do (when `max_cells` stopped the sweep)
+    files: SweepFiles
+
+    @property
+    def best(self) -> SweepCell | None:
+        """The fastest cell whose outputs all equal plain greedy decoding."""
+        exact = [c for c in self.cells if c.mismatches == 0]
+        return max(exact, key=lambda c: c.speedup) if exact else None
+
+
+def run_sweep(
+    model,
+    prompt_ids: list[str],
+    encoded: list[torch.LongTensor],
+    exit_layers: list[int],
+    num_speculations: list[int],
+    max_new_tokens: int,
+    output_dir: str | Path,
+    settings: dict,
+    max_cells: int | None = None,
+    warmup: bool = True,
+    progress: bool = True,
+) -> SweepResult:
+    """Measures every (E, d) cell not yet in `output_dir/sweep.csv`, appending a row per finished cell.
+
+    `encoded[i]` `(1, prompt_length)` is prompt `prompt_ids[i]`. `settings` describes the sweep (model, prompts,
+    lengths, ...) and must equal the saved one to resume. `max_cells` stops after that many new cells.
+    """
+    files = SweepFiles(Path(output_dir))
+    files.directory.mkdir(parents=True, exist_ok=True)
+    _check_settings(files, settings)
+    done = {(c.exit_layer, c.num_speculations) for c in read_cells(files.cells)}
+    grid = [(e, d) for e in exit_layers for d in num_speculations]
+    todo = [cell for cell in grid if cell not in done]
+    now = todo[:max_cells] if max_cells is not None else todo
+
+    runner = StrategyRunner(model)
+    if warmup and now:
+        runner.run(Strategy("plain"), encoded[0], max_new_tokens)
+        runner.run(Strategy("self_speculative", *now[0]), encoded[0], max_new_tokens)
+    baseline = _plain_baseline(runner, prompt_ids, encoded, max_new_tokens, files, progress)
+
+    for exit_layer, speculations in tqdm(now, desc="sweep cells", disable=not progress):
+        strategy = Strategy("self_speculative", exit_layer, speculations)
+        records = [runner.run(strategy, input_ids, max_new_tokens) for input_ids in encoded]
+        new_tokens = sum(len(r.new_tokens) for r in records)
+        seconds = sum(r.seconds for r in records)
+        drafted = sum(r.drafted_tokens for r in records)
+        ms_per_token = 1000 * seconds / max(new_tokens, 1)
+        cell = SweepCell(
+            exit_layer=exit_layer,
+            num_speculations=speculations,
+            prompts=len(records),
+            new_tokens=new_tokens,
+            seconds=seconds,
+            tokens_per_s=new_tokens / seconds,
+            ms_per_token=ms_per_token,
+            speedup=baseline.ms_per_token / ms_per_token,
+            acceptance_rate=sum(r.accepted_tokens for r in records) / drafted if drafted else 0.0,
+            tokens_per_round=new_tokens / max(sum(r.rounds for r in records), 1),
+            mismatches=sum(first_mismatch(p, r.new_tokens) is not None for p, r in zip(baseline.tokens, records)),
+        )
+        _append_row(files.cells, CELL_FIELDS, asdict(cell))
+
+    finished = {(c.exit_layer, c.num_speculations): c for c in read_cells(files.cells)}
+    return SweepResult(
+        cells=[finished[cell] for cell in grid if cell in finished],
+        measured_now=now,
+        pending=[cell for cell in grid if cell not in finished],
+        files=files,
+    )
+
+
+def speedup_grid(cells: list[SweepCell], exit_layers: list[int], num_speculations: list[int]) -> list[list[float]]:
+    """Speedups `[len(exit_layers)][len(num_speculations)]`, NaN where a cell is not done."""
+    by_pair = {(c.exit_layer, c.num_speculations): c.speedup for c in cells}
+    return [[by_pair.get((e, d), math.nan) for d in num_speculations] for e in exit_layers]
