@@ -27,9 +27,9 @@ def add_parser(subparsers) -> None:
             "cached), OUTPUT_DIR/settings.json and a heatmap OUTPUT_DIR/speedup_heatmap.png, and names the fastest "
             "exact pair. Each cell's row is appended as soon as it finishes, so rerunning the same command after an "
             "interruption measures only the missing cells (the grid may grow between runs; the other settings must "
-            "stay the same). All cells share the one plain baseline, so their ranking does not depend on it; on a "
-            "busy machine, confirm the best pair with `hf-layerskip benchmark`, which interleaves plain and "
-            "speculative runs prompt by prompt."
+            "stay the same). By default all cells share the one plain baseline, so their ranking does not depend on "
+            "it, but their speedups move with any drift of the machine since it was timed; --paired re-times plain "
+            "inside every cell instead. `hf-layerskip benchmark` confirms a pair with runs interleaved per prompt."
         ),
     )
     add_model_arguments(parser)
@@ -61,6 +61,13 @@ def add_parser(subparsers) -> None:
         default=None,
         metavar="K",
         help="stop after K newly measured cells; rerun the command for the rest (default: no limit)",
+    )
+    parser.add_argument(
+        "--paired",
+        action="store_true",
+        help="time plain decoding again inside every cell, alternating with the cell's runs prompt by prompt, and "
+        "take each cell's speedup from its own plain runs: robust to machine drift, at twice the cost (default: one "
+        "cached plain baseline for all cells)",
     )
     parser.add_argument(
         "--no-warmup",
@@ -96,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         "prompt_ids": [p.id for p in prompts],
         "chat_template": args.chat_template,
         "max_new_tokens": args.max_new_tokens,
+        "paired": args.paired,
     }
     result = run_sweep(
         model,
@@ -107,6 +115,7 @@ def run(args: argparse.Namespace) -> int:
         args.output_dir,
         settings,
         max_cells=args.max_cells,
+        paired=args.paired,
         warmup=not args.no_warmup,
         progress=not args.no_progress,
     )

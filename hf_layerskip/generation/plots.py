@@ -7,6 +7,7 @@ global pyplot backend of the caller is left alone.
 import math
 from pathlib import Path
 
+from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
@@ -27,7 +28,10 @@ def plot_speedup_heatmap(
     """
     figure = Figure(figsize=(2.5 + 0.9 * len(num_speculations), 1.5 + 0.5 * len(exit_layers)))
     axes = figure.subplots()
-    image = axes.imshow(speedups, cmap="RdYlGn", vmin=min(0.5, _finite_min(speedups)), aspect="auto")
+    # Diverging at 1.0: red cells are slower than plain decoding, green ones faster.
+    low, high = _finite_range(speedups)
+    norm = TwoSlopeNorm(vcenter=1.0, vmin=min(low, 0.99), vmax=max(high, 1.01))
+    image = axes.imshow(speedups, cmap="RdYlGn", norm=norm, aspect="auto")
     axes.set_xticks(range(len(num_speculations)), [str(d) for d in num_speculations])
     axes.set_yticks(range(len(exit_layers)), [str(e) for e in exit_layers])
     axes.set_xlabel("draft tokens per round d")
@@ -46,9 +50,9 @@ def plot_speedup_heatmap(
     return Path(path)
 
 
-def _finite_min(values: list[list[float]]) -> float:
+def _finite_range(values: list[list[float]]) -> tuple[float, float]:
     finite = [v for row in values for v in row if not math.isnan(v)]
-    return min(finite) if finite else 0.5
+    return (min(finite), max(finite)) if finite else (1.0, 1.0)
 
 
 def plot_layer_quality(

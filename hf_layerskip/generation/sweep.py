@@ -5,6 +5,9 @@ Everything lives in one output folder, so a killed sweep continues where it stop
 - `settings.json`: what the sweep measures (model, prompts, lengths); a rerun must ask for the same;
 - `plain.csv`: one row per prompt with plain decoding's time and tokens (the cached baseline);
 - `sweep.csv`: one row per finished (E, d) cell, appended as soon as the cell is done.
+
+Every cell's speedup is over the cached baseline, unless the sweep is `paired`: then each cell times plain decoding
+again, prompt by prompt between its own runs, so that machine drift between cells cancels (at twice the cost).
 """
 
 import csv
@@ -24,7 +27,7 @@ PLAIN_FIELDS = ("prompt_id", "new_tokens", "seconds", "tokens")
 
 @dataclass
 class SweepCell:
-    """One (E, d) cell over all prompts; `speedup` is the plain baseline's ms/token over this cell's."""
+    """One (E, d) cell over all prompts; `speedup` is `plain_ms_per_token` over this cell's `ms_per_token`."""
 
     exit_layer: int
     num_speculations: int
@@ -33,6 +36,7 @@ class SweepCell:
     seconds: float
     tokens_per_s: float
     ms_per_token: float
+    plain_ms_per_token: float
     speedup: float
     acceptance_rate: float
     tokens_per_round: float
@@ -160,13 +164,15 @@ def run_sweep(
     output_dir: str | Path,
     settings: dict,
     max_cells: int | None = None,
+    paired: bool = False,
     warmup: bool = True,
     progress: bool = True,
 ) -> SweepResult:
     """Measures every (E, d) cell not yet in `output_dir/sweep.csv`, appending a row per finished cell.
 
     `encoded[i]` `(1, prompt_length)` is prompt `prompt_ids[i]`. `settings` describes the sweep (model, prompts,
-    lengths, ...) and must equal the saved one to resume. `max_cells` stops after that many new cells.
+    lengths, ...) and must equal the saved one to resume. `max_cells` stops after that many new cells. `paired`
+    re-times plain decoding inside every cell, alternating with the cell's runs prompt by prompt.
     """
     files = SweepFiles(Path(output_dir))
     files.directory.mkdir(parents=True, exist_ok=True)
@@ -184,7 +190,16 @@ def run_sweep(
 
     for exit_layer, speculations in tqdm(now, desc="sweep cells", disable=not progress):
         strategy = Strategy("self_speculative", exit_layer, speculations)
-        records = [runner.run(strategy, input_ids, max_new_tokens) for input_ids in encoded]
+        records, plain_seconds = [], []
+        for input_ids in encoded:
+            if paired:
+                plain_seconds.append(runner.run(Strategy("plain"), input_ids, max_new_tokens).seconds)
+            records.append(runner.run(strategy, input_ids, max_new_tokens))
+        plain_ms_per_token = (
+            1000 * sum(plain_seconds) / max(sum(len(t) for t in baseline.tokens), 1)
+            if paired
+            else baseline.ms_per_token
+        )
         new_tokens = sum(len(r.new_tokens) for r in records)
         seconds = sum(r.seconds for r in records)
         drafted = sum(r.drafted_tokens for r in records)
@@ -197,7 +212,8 @@ def run_sweep(
             seconds=seconds,
             tokens_per_s=new_tokens / seconds,
             ms_per_token=ms_per_token,
-            speedup=baseline.ms_per_token / ms_per_token,
+            plain_ms_per_token=plain_ms_per_token,
+            speedup=plain_ms_per_token / ms_per_token,
             acceptance_rate=sum(r.accepted_tokens for r in records) / drafted if drafted else 0.0,
             tokens_per_round=new_tokens / max(sum(r.rounds for r in records), 1),
             mismatches=sum(first_mismatch(p, r.new_tokens) is not None for p, r in zip(baseline.tokens, records)),

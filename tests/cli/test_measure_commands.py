@@ -149,6 +149,11 @@ def test_sweep_resumes_where_it_stopped(files, tmp_path, monkeypatch, capsys):
     assert rows[:2] == first_rows and len(rows) == 4
     assert {(r["exit_layer"], r["num_speculations"]) for r in rows} == {("2", "1"), ("2", "2"), ("4", "1"), ("4", "2")}
     assert all(r["mismatches"] == "0" for r in rows)
+    plain_rows = read_csv(out / "plain.csv")
+    plain_ms = 1000 * sum(float(r["seconds"]) for r in plain_rows) / sum(int(r["new_tokens"]) for r in plain_rows)
+    for row in rows:  # every cell is compared with the one cached baseline
+        assert float(row["plain_ms_per_token"]) == pytest.approx(plain_ms)
+        assert float(row["speedup"]) == pytest.approx(plain_ms / float(row["ms_per_token"]))
     best = max(rows, key=lambda r: float(r["speedup"]))
     printed = capsys.readouterr().out
     assert f"best exact pair: E={best['exit_layer']}, d={best['num_speculations']}" in printed
@@ -160,6 +165,19 @@ def test_sweep_resumes_where_it_stopped(files, tmp_path, monkeypatch, capsys):
     assert calls == []  # nothing left to do
     with pytest.raises(ValueError, match="max_new_tokens"):
         run_command("sweep", *[a if a != 6 else 7 for a in argv])
+
+
+def test_paired_sweep_times_plain_inside_every_cell(files, tmp_path, monkeypatch):
+    out = tmp_path / "paired"
+    argv = [*prompt_options(files), "--max-new-tokens", 6, "--exit-layers", "3", "--num-speculations", "1,2"]
+    calls = count_generate_calls(monkeypatch)
+    assert run_command("sweep", *argv, "--output-dir", out, "--no-warmup", "--paired") == 0
+    # The cached baseline, then per cell: plain and speculative alternating prompt by prompt.
+    assert calls == [None] * 3 + [None, 3] * 6
+    for row in read_csv(out / "sweep.csv"):
+        assert float(row["speedup"]) == pytest.approx(float(row["plain_ms_per_token"]) / float(row["ms_per_token"]))
+    with pytest.raises(ValueError, match="paired"):
+        run_command("sweep", *argv, "--output-dir", out)
 
 
 def test_layers_overlays_two_checkpoints(files, tmp_path, capsys):

@@ -35,8 +35,8 @@ def test_other_settings_are_refused(model, tmp_path):
 def test_best_skips_inexact_cells(tmp_path):
     from hf_layerskip.generation.sweep import SweepFiles, SweepResult
 
-    fast_but_wrong = SweepCell(2, 1, 1, 10, 1.0, 10.0, 100.0, 3.0, 0.5, 1.5, 1)
-    exact = SweepCell(4, 1, 1, 10, 2.0, 5.0, 200.0, 1.5, 0.5, 1.5, 0)
+    fast_but_wrong = SweepCell(2, 1, 1, 10, 1.0, 10.0, 100.0, 300.0, 3.0, 0.5, 1.5, 1)
+    exact = SweepCell(4, 1, 1, 10, 2.0, 5.0, 200.0, 300.0, 1.5, 0.5, 1.5, 0)
     result = SweepResult([fast_but_wrong, exact], [], [], SweepFiles(tmp_path))
     assert result.best == exact
     assert SweepCell.from_row({k: str(v) for k, v in asdict(exact).items()}) == exact
