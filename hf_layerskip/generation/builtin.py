@@ -1,5 +1,7 @@
 """Transformers' own `assistant_early_exit` path on the same weights, as the reference to beat."""
 
+import copy
+
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from ..modeling import LayerSkipLlamaForCausalLM
@@ -9,11 +11,15 @@ def plain_llama_view(model: LayerSkipLlamaForCausalLM) -> LlamaForCausalLM:
     """A `LlamaForCausalLM` that shares `model`'s parameters (no copy).
 
     Its `generate(assistant_early_exit=E)` runs transformers' `EarlyExitCandidateGenerator`, which keeps a second
-    KV cache for the draft and verifies with all layers.
+    KV cache for the draft and verifies with all layers. That generator reads the draft length and confidence
+    threshold from the view's own `generation_config`, not from the `generate` call: set
+    `view.generation_config.num_assistant_tokens = d` there. The view's config is a copy, with the threshold at 0
+    (a constant draft length, as ours).
     """
     settings = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
     llama = LlamaForCausalLM(LlamaConfig(**settings)).to(device=model.device, dtype=model.dtype)
     llama.load_state_dict(model.state_dict(), assign=True)
     llama.tie_weights()
-    llama.generation_config = model.generation_config
+    llama.generation_config = copy.deepcopy(model.generation_config)
+    llama.generation_config.update(num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)
     return llama.eval()

@@ -1,6 +1,5 @@
 """The decoding strategies a benchmark compares, each run as one timed greedy `generate` call."""
 
-import copy
 import time
 from dataclasses import dataclass
 
@@ -109,9 +108,6 @@ class StrategyRunner:
                 return self._builtin_counter
 
             view._get_candidate_generator = counted  # instance attribute: counts this view's rounds only
-            # Transformers reads the draft length and confidence threshold from the assistant's (here: the view's)
-            # own generation config, not from the `generate` call, so the view gets a copy it can set per call.
-            view.generation_config = copy.deepcopy(self.model.generation_config)
             self._builtin_model = view
         return self._builtin_model
 
@@ -137,11 +133,8 @@ class StrategyRunner:
             )
         elif strategy.kind == "builtin":
             model = self.builtin_model
-            model.generation_config.update(
-                num_assistant_tokens=strategy.num_speculations,
-                num_assistant_tokens_schedule="constant",
-                assistant_confidence_threshold=0.0,
-            )
+            # The built-in path reads the draft length from the view's own generation config only.
+            model.generation_config.num_assistant_tokens = strategy.num_speculations
             kwargs["assistant_early_exit"] = strategy.exit_layer
         self._synchronize()
         start = time.perf_counter()
