@@ -30,6 +30,15 @@ def tiny_model(seed: int = 0, **overrides) -> LayerSkipLlamaForCausalLM:
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from more torch threads, which only contend when other jobs share the cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
 def model() -> LayerSkipLlamaForCausalLM:
     return tiny_model()
 

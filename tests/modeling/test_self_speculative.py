@@ -20,13 +20,7 @@ NUM_LAYERS = 6  # of the `model` fixture
 TIE_GAP = 1e-4  # a top-2 logit gap below this is a numerical tie: either token is a correct greedy choice
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models decode faster on one thread, and far faster when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def agreeing_model(seed: int = 0, scale: float = 0.3, **overrides):

@@ -42,10 +42,8 @@ def build_model(problem):
     return model
 
 
-def test_greedy_equals_plain_greedy_property():
+def test_greedy_equals_plain_greedy_property(one_thread):
     cases, ties = [], []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: thread start-up would dominate
 
     @settings(max_examples=100, deadline=None, derandomize=True)
     @given(decoding_problems())
@@ -73,9 +71,6 @@ def test_greedy_equals_plain_greedy_property():
                 ties.append({**problem, "exit_layer": exit_layer, **tie})
             cases.append((problem["seed"], exit_layer, num_speculations))
 
-    try:
-        check()
-    finally:
-        torch.set_num_threads(threads)
+    check()
     print(f"{len(cases)} cases, {len(ties)} numerical ties excused: {ties}")
     assert len(cases) >= REQUIRED_CASES, len(cases)

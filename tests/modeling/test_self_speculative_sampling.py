@@ -24,12 +24,7 @@ def model():
     return tiny_model(seed=0, vocab_size=VOCAB_SIZE, num_hidden_layers=2, initializer_range=0.3)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def processed_probs(model, input_ids, **settings) -> torch.Tensor:

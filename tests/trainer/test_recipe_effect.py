@@ -6,7 +6,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-import torch
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "recipe_effect.py"
 
@@ -16,15 +15,6 @@ def load_benchmark():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-@pytest.fixture
-def one_thread():
-    """Matrices this small gain nothing from more threads, which only contend on a shared CI machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_layerskip_recipe_aligns_early_exits_at_little_cost_to_the_last_layer(one_thread):
