@@ -362,7 +362,6 @@ def test_each_layer_processes_each_position_once(exit_layer, num_speculations):
         layers, run("ours", model.generate, assistant_early_exit=exit_layer, num_assistant_tokens=num_speculations)
     )
     builtin = plain_llama_view(model)
-    builtin.generation_config = copy.deepcopy(model.generation_config)
     builtin.generation_config.num_assistant_tokens = num_speculations  # the built-in path reads it from here
     builtin_counts = positions_per_layer(
         builtin.model.layers,
@@ -371,7 +370,6 @@ def test_each_layer_processes_each_position_once(exit_layer, num_speculations):
             builtin.generate,
             assistant_early_exit=exit_layer,
             num_assistant_tokens=num_speculations,
-            assistant_confidence_threshold=0.0,
         ),
     )
 
