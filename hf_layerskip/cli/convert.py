@@ -36,6 +36,9 @@ LAYERSKIP_OPTIONS = {
     "early_exit_gradual_fraction": dict(
         type=float, metavar="F", help="fraction of training over which the gradual curriculum opens all exits (default 0.5)"
     ),
+    "early_exit_layers": dict(
+        type=int, nargs="+", metavar="LAYER", help="layer indices whose exits the fixed curriculum trains"
+    ),
     "exit_layer": dict(
         type=int, metavar="E", help="default exit layer for early exit and self-speculation (default num_layers // 4)"
     ),

@@ -47,9 +47,19 @@ def memory_method(device: torch.device) -> str:
     """How `PeakMemory` measures on `device`: `cuda_max_allocated`, `rss_peak`, or `unavailable`."""
     if device.type == "cuda":
         return "cuda_max_allocated"
-    if os.access(_CLEAR_REFS, os.W_OK) and _STATUS.is_file():
+    if os.access(_CLEAR_REFS, os.W_OK) and _STATUS.is_file() and _rss_peak_sees_allocations():
         return "rss_peak"
     return "unavailable"
+
+
+@lru_cache(maxsize=1)
+def _rss_peak_sees_allocations(probe_bytes: int = 32 * 2**20) -> bool:
+    """Whether VmHWM resets and then rises with a freed allocation; some sandboxes only accept the reset."""
+    _CLEAR_REFS.write_text("5")
+    resident = _read_status_kib("VmRSS") * 1024
+    probe = torch.ones(probe_bytes // 4, dtype=torch.float32)  # touches every page
+    del probe
+    return _read_status_kib("VmHWM") * 1024 >= resident + 0.9 * probe_bytes
 
 
 class PeakMemory:

@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 
 LAYER_DROPOUT_SCALES = ("exponential", "linear", "uniform")
 EARLY_EXIT_LAYER_WEIGHTINGS = ("uniform", "linear", "cumulative", "sqrt", "inverse", "inverse_sqrt")
-EARLY_EXIT_CURRICULA = ("none", "rotational", "gradual")
+EARLY_EXIT_CURRICULA = ("none", "rotational", "gradual", "fixed")
 
 
 def _check_range(name, value, low, high, *, low_inclusive=True, high_inclusive=True):
@@ -45,11 +45,15 @@ class LayerSkipLlamaConfig(LlamaConfig):
             Σ_{i≤l} i), `sqrt`, `inverse`, `inverse_sqrt`.
         early_exit_curriculum (`str`, *optional*, defaults to `"rotational"`):
             Which exits are trained at each step: `"none"` (all), `"rotational"` (every R-th layer, rotating each
-            step) or `"gradual"` (switched on from the last layer towards the first).
+            step), `"gradual"` (switched on from the last layer towards the first) or `"fixed"` (the exits in
+            `early_exit_layers`, every step).
         early_exit_curriculum_period (`int`, *optional*, defaults to 8):
             `R` of the rotational curriculum.
         early_exit_gradual_fraction (`float`, *optional*, defaults to 0.5):
             Fraction of training over which the gradual curriculum switches all exits on.
+        early_exit_layers (`list[int]`, *optional*):
+            Layer indices whose exits the `"fixed"` curriculum trains (exit layer `E` is index `E − 1`), for a model
+            meant to draft at those exits.
         exit_layer (`int`, *optional*):
             Default exit layer `E` for early exit and self-speculative decoding, in [1, num_hidden_layers − 1].
             Defaults to a quarter of the depth.
@@ -67,6 +71,7 @@ class LayerSkipLlamaConfig(LlamaConfig):
     early_exit_curriculum: str = "rotational"
     early_exit_curriculum_period: int = 8
     early_exit_gradual_fraction: float = 0.5
+    early_exit_layers: list[int] | None = None
     exit_layer: int | None = None
     num_speculations: int = 6
 
@@ -88,6 +93,10 @@ class LayerSkipLlamaConfig(LlamaConfig):
         _check_choice("early_exit_curriculum", self.early_exit_curriculum, EARLY_EXIT_CURRICULA)
         _check_range("early_exit_curriculum_period", self.early_exit_curriculum_period, 1, float("inf"))
         _check_range("early_exit_gradual_fraction", self.early_exit_gradual_fraction, 0.0, 1.0, low_inclusive=False)
+        for layer in self.early_exit_layers or ():
+            _check_range("early_exit_layers", layer, 0, num_layers - 1)
+        if self.early_exit_curriculum == "fixed" and not self.early_exit_layers:
+            raise ValueError("`early_exit_curriculum='fixed'` needs `early_exit_layers`, the exits to train.")
         if num_layers < 2:
             raise ValueError(f"LayerSkip needs at least 2 layers to exit early, got num_hidden_layers={num_layers}.")
         _check_range("exit_layer", self.exit_layer, 1, num_layers - 1)

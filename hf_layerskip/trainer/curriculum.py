@@ -53,16 +53,39 @@ class GradualCurriculum:
         return [*early, num_layers - 1]
 
 
-EarlyExitCurriculum = NoCurriculum | RotationalCurriculum | GradualCurriculum
+@dataclass(frozen=True)
+class FixedCurriculum:
+    """The same early exits every step, for a model meant to draft at them: `layers` (0-based) and the last layer."""
+
+    layers: tuple[int, ...]
+
+    def __post_init__(self):
+        if not self.layers:
+            raise ValueError("The fixed curriculum needs at least one exit layer in `layers`.")
+
+    def active_layers(self, step: int, num_layers: int, max_steps: int) -> list[int]:
+        for layer in self.layers:
+            if not 0 <= layer < num_layers:
+                raise ValueError(f"Exit layers of the fixed curriculum must be in [0, {num_layers - 1}], got {layer!r}.")
+        return sorted({*self.layers, num_layers - 1})
 
 
-def build_curriculum(name: str, period: int = 8, gradual_fraction: float = 0.5) -> EarlyExitCurriculum:
-    """The curriculum called `name`: `"none"`, `"rotational"` (uses `period`) or `"gradual"` (uses
-    `gradual_fraction`)."""
+EarlyExitCurriculum = NoCurriculum | RotationalCurriculum | GradualCurriculum | FixedCurriculum
+
+
+def build_curriculum(
+    name: str, period: int = 8, gradual_fraction: float = 0.5, layers: tuple[int, ...] | None = None
+) -> EarlyExitCurriculum:
+    """The curriculum called `name`: `"none"`, `"rotational"` (uses `period`), `"gradual"` (uses
+    `gradual_fraction`) or `"fixed"` (uses `layers`)."""
     if name == "none":
         return NoCurriculum()
     if name == "rotational":
         return RotationalCurriculum(period)
     if name == "gradual":
         return GradualCurriculum(gradual_fraction)
-    raise ValueError(f"The early-exit curriculum must be one of 'none', 'rotational', 'gradual', got {name!r}.")
+    if name == "fixed":
+        return FixedCurriculum(tuple(layers or ()))
+    raise ValueError(
+        f"The early-exit curriculum must be one of 'none', 'rotational', 'gradual', 'fixed', got {name!r}."
+    )

@@ -29,6 +29,7 @@ CONFIG_BACKED_FIELDS = (
     "early_exit_curriculum",
     "early_exit_curriculum_period",
     "early_exit_gradual_fraction",
+    "early_exit_layers",
 )
 
 
@@ -83,7 +84,8 @@ class LayerSkipTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "LayerSkip: which exits are trained each step: none (all of them), rotational (every R-th layer, "
-            "shifted by one each step) or gradual (switched on from the last layer towards the first). The last "
+            "shifted by one each step), gradual (switched on from the last layer towards the first) or fixed (the "
+            "layers in early_exit_layers). The last "
             "layer is always trained. Default: the model config's (rotational, as in the paper's continual "
             "pretraining).",
             "choices": list(EARLY_EXIT_CURRICULA),
@@ -98,6 +100,13 @@ class LayerSkipTrainingArguments(TrainingArguments):
         metadata={
             "help": "LayerSkip: fraction of max_steps after which the gradual curriculum has switched every exit on, "
             "in (0, 1]. Default: the model config's (0.5)."
+        },
+    )
+    early_exit_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "LayerSkip: layer indices (0-based; exit layer E is index E-1) whose exits the fixed curriculum "
+            "trains. Default: the model config's."
         },
     )
     early_exit_loss_chunk_size: int = field(
@@ -154,6 +163,7 @@ def resolve_layerskip_recipe(args: TrainingArguments, config) -> LayerSkipRecipe
     _check_range("layer_dropout_max", settings["layer_dropout_max"], 0.0, 1.0)
     _check_layers("layer_dropout_layers", settings["layer_dropout_layers"], num_layers)
     _check_choice("early_exit_curriculum", settings["early_exit_curriculum"], EARLY_EXIT_CURRICULA)
+    _check_layers("early_exit_layers", settings["early_exit_layers"], num_layers)
     return LayerSkipRecipe(
         num_layers=num_layers,
         layer_dropout=LayerDropoutSchedule(
@@ -167,6 +177,7 @@ def resolve_layerskip_recipe(args: TrainingArguments, config) -> LayerSkipRecipe
             settings["early_exit_curriculum"],
             settings["early_exit_curriculum_period"],
             settings["early_exit_gradual_fraction"],
+            settings["early_exit_layers"],
         ),
         layer_weighting=settings["early_exit_layer_weighting"],
         loss_scale=settings["early_exit_loss_scale"],

@@ -63,13 +63,14 @@ def test_convert_sets_every_layerskip_field(tmp_path, capsys):
         "--early-exit-curriculum": ["gradual"],
         "--early-exit-curriculum-period": ["3"],
         "--early-exit-gradual-fraction": ["0.25"],
+        "--early-exit-layers": ["2", "3"],
         "--exit-layer": ["4"],
         "--num-speculations": ["5"],
     }
     expected = dict(
         layer_dropout_max=0.3, layer_dropout_scale="linear", layer_dropout_layers=[1, 4], early_exit_loss_scale=0.2,
         early_exit_layer_weighting="sqrt", early_exit_curriculum="gradual", early_exit_curriculum_period=3,
-        early_exit_gradual_fraction=0.25, exit_layer=4, num_speculations=5,
+        early_exit_gradual_fraction=0.25, early_exit_layers=[2, 3], exit_layer=4, num_speculations=5,
     )
     assert set(expected) == set(LAYERSKIP_FIELDS)
     argv = ["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--dtype", "bfloat16"]

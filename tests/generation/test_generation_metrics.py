@@ -53,7 +53,7 @@ def resident_bytes() -> int:
     return int(line.split()[1]) * 1024
 
 
-@pytest.mark.skipif(memory_method(torch.device("cpu")) != "rss_peak", reason="needs Linux /proc/self/clear_refs")
+@pytest.mark.skipif(memory_method(torch.device("cpu")) != "rss_peak", reason="needs a Linux VmHWM that /proc/self/clear_refs resets")
 def test_cpu_peak_memory_sees_a_temporary_allocation():
     size = 64 * 2**20
     with PeakMemory(torch.device("cpu")) as large:

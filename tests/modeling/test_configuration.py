@@ -21,10 +21,11 @@ OUT_OF_RANGE = [
     ("early_exit_loss_scale", -0.5, "[0.0, 1.0]"),
     ("early_exit_loss_scale", 2.0, "[0.0, 1.0]"),
     ("early_exit_layer_weighting", "quadratic", "'uniform', 'linear', 'cumulative', 'sqrt', 'inverse', 'inverse_sqrt'"),
-    ("early_exit_curriculum", "random", "'none', 'rotational', 'gradual'"),
+    ("early_exit_curriculum", "random", "'none', 'rotational', 'gradual', 'fixed'"),
     ("early_exit_curriculum_period", 0, "[1, inf]"),
     ("early_exit_gradual_fraction", 0.0, "(0.0, 1.0]"),
     ("early_exit_gradual_fraction", 1.5, "(0.0, 1.0]"),
+    ("early_exit_layers", [2, 6], "[0, 5]"),
     ("exit_layer", 0, "[1, 5]"),
     ("exit_layer", 6, "[1, 5]"),
     ("num_speculations", 0, "[1, inf]"),
@@ -33,6 +34,12 @@ OUT_OF_RANGE = [
 
 def test_every_layerskip_field_has_a_rejection_case():
     assert {field for field, _, _ in OUT_OF_RANGE} == set(LAYERSKIP_FIELDS)
+
+
+def test_fixed_curriculum_needs_its_exit_layers():
+    with pytest.raises(ValueError, match="early_exit_layers"):
+        tiny_config(early_exit_curriculum="fixed")
+    assert tiny_config(early_exit_curriculum="fixed", early_exit_layers=[1, 3]).early_exit_layers == [1, 3]
 
 
 def test_layerskip_fields_are_the_ones_added_to_llama():
@@ -75,7 +82,7 @@ def test_defaults_follow_the_paper_recipe():
     assert (config.layer_dropout_max, config.layer_dropout_scale, config.layer_dropout_layers) == (0.1, "exponential", None)
     assert (config.early_exit_loss_scale, config.early_exit_layer_weighting) == (0.1, "cumulative")
     assert (config.early_exit_curriculum, config.early_exit_curriculum_period) == ("rotational", 8)
-    assert (config.early_exit_gradual_fraction, config.num_speculations) == (0.5, 6)
+    assert (config.early_exit_gradual_fraction, config.early_exit_layers, config.num_speculations) == (0.5, None, 6)
 
 
 def test_save_and_load_round_trip(tmp_path):
@@ -87,6 +94,7 @@ def test_save_and_load_round_trip(tmp_path):
         early_exit_layer_weighting="inverse_sqrt",
         early_exit_curriculum="gradual",
         early_exit_curriculum_period=3,
+        early_exit_layers=[1, 3],
         early_exit_gradual_fraction=0.75,
         exit_layer=4,
         num_speculations=2,

@@ -4,7 +4,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from hf_layerskip.trainer import GradualCurriculum, NoCurriculum, RotationalCurriculum, build_curriculum
+from hf_layerskip.trainer import (
+    FixedCurriculum,
+    GradualCurriculum,
+    NoCurriculum,
+    RotationalCurriculum,
+    build_curriculum,
+)
 
 
 def test_rotational_switches_every_rth_layer_rotating_each_step():
@@ -63,8 +69,21 @@ def test_schedule_depends_on_the_step_only():
 
 
 @pytest.mark.parametrize(
-    "call", [lambda: build_curriculum("linear"), lambda: RotationalCurriculum(0), lambda: GradualCurriculum(0.0)]
+    "call",
+    [
+        lambda: build_curriculum("linear"),
+        lambda: RotationalCurriculum(0),
+        lambda: GradualCurriculum(0.0),
+        lambda: build_curriculum("fixed"),
+        lambda: FixedCurriculum((3,)).active_layers(0, 3, 10),
+    ],
 )
 def test_bad_settings_raise(call):
     with pytest.raises(ValueError):
         call()
+
+
+def test_fixed_curriculum_trains_its_exits_and_the_last_every_step():
+    curriculum = build_curriculum("fixed", layers=(9, 5, 5))
+    assert [curriculum.active_layers(step, 30, 100) for step in (0, 1, 99)] == [[5, 9, 29]] * 3
+    assert build_curriculum("fixed", layers=(29,)).active_layers(0, 30, 100) == [29]
