@@ -77,7 +77,7 @@ def load_as_layerskip(
     model.tie_weights()
     model.to(dtype).eval()
     model.generation_config = GenerationConfig.from_dict(
-        {**source_model.generation_config.to_diff_dict(), **_speculation_defaults(config), "_from_model_config": False}
+        {**source_model.generation_config.to_diff_dict(), **speculation_defaults(config), "_from_model_config": False}
     )
     return model, tokenizer
 
@@ -91,7 +91,8 @@ def _copy_non_persistent_buffers(source: torch.nn.Module, target: torch.nn.Modul
             target.get_submodule(module_name).register_buffer(buffer_name, source_buffers[name], persistent=False)
 
 
-def _speculation_defaults(config: LayerSkipLlamaConfig) -> dict:
+def speculation_defaults(config: LayerSkipLlamaConfig) -> dict:
+    """Generation-config settings that make `generate(assistant_early_exit=E)` draft `config.num_speculations`."""
     return {"num_assistant_tokens": config.num_speculations, "assistant_confidence_threshold": 0.0}
 
 
@@ -112,3 +113,32 @@ def convert(
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def merge_lora_adapter(model: LayerSkipLlamaForCausalLM, adapter_dir: str | Path) -> LayerSkipLlamaForCausalLM:
+    """Adds a peft LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into `model`'s weights.
+
+    Each adapted linear weight `W (out, in)` becomes `W + (alpha / r)·B @ A`, with `A (r, in)` and `B (out, r)`
+    (`alpha / √r` for rsLoRA), as peft's `merge_and_unload` does, without needing peft. Returns `model`.
+    """
+    import json
+
+    from safetensors.torch import load_file
+
+    adapter_dir = Path(adapter_dir)
+    settings = json.loads((adapter_dir / "adapter_config.json").read_text())
+    if settings.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{adapter_dir}: only LoRA adapters merge, got peft_type={settings['peft_type']!r}.")
+    rank, alpha = settings["r"], settings["lora_alpha"]
+    scale = alpha / rank**0.5 if settings.get("use_rslora") else alpha / rank
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    weights = dict(model.named_parameters())
+    for key in [key for key in tensors if key.endswith(".lora_A.weight")]:
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        if module + ".weight" not in weights:
+            raise ValueError(f"{adapter_dir}: the adapter targets {module}, which the model does not have.")
+        down, up = tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float()  # (r, in), (out, r)
+        weight = weights[module + ".weight"]
+        with torch.no_grad():
+            weight += (scale * up @ down).to(weight.dtype)
+    return model

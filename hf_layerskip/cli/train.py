@@ -43,7 +43,7 @@ class TrainScriptArguments:
         default=None,
         metadata={
             "help": "LayerSkip checkpoint directory to train (convert a Llama model with `hf-layerskip convert`). "
-            "Default: SmolLM2-135M-Instruct, fetched and converted on first use."
+            "Default: SmolLM2-135M-Instruct as it is (untrained for LayerSkip), fetched and converted on first use."
         },
     )
     train_files: list[str] | None = field(
@@ -148,8 +148,9 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(run=run)
 
 
-def load_config_file(path: str | Path) -> dict:
-    """The options of a YAML config file, typed as the command line would type them.
+def load_config_file(path: str | Path, other_sections: tuple[str, ...] = ()) -> dict:
+    """The options of a YAML config file, typed as the command line would type them; top-level keys in
+    `other_sections` belong to another command and are skipped.
 
     Raises `ValueError` naming the file and line for a malformed file, an unknown option or a bad value.
     """
@@ -174,6 +175,8 @@ def load_config_file(path: str | Path) -> dict:
     known = {action.dest for action in parser._actions}
     options = {}
     for name, value in values.items():
+        if name in other_sections:
+            continue
         where = f"{path}:{lines.get(name, '?')}"
         if name not in known or name == "config":
             raise ValueError(f"{where}: unknown option {name!r} (see `hf-layerskip train --help`).")
@@ -229,7 +232,7 @@ def _preflight(script: TrainScriptArguments) -> tuple[Path, list[Path]]:
         raise ValueError("No training data: pass --train_files (or set train_files in the --config file).")
     data_files = expand_data_files(script.train_files)
     check_data_files(data_files, script.text_column)
-    model_path = Path(script.model) if script.model else _default_checkpoint()
+    model_path = Path(script.model) if script.model else _base_checkpoint()
     if not (model_path / "config.json").is_file():
         raise FileNotFoundError(
             f"No model config at {model_path / 'config.json'}; pass a LayerSkip checkpoint directory."
@@ -244,10 +247,10 @@ def _preflight(script: TrainScriptArguments) -> tuple[Path, list[Path]]:
     return model_path, data_files
 
 
-def _default_checkpoint() -> Path:
-    from ..defaults import default_checkpoint
+def _base_checkpoint() -> Path:
+    from ..defaults import base_checkpoint
 
-    return Path(default_checkpoint())
+    return Path(base_checkpoint())
 
 
 def _build_trainer(script, lora, training, model_path, data_files):

@@ -15,7 +15,7 @@ Between rounds every cache layer holds all tokens but the last one. Greedy outpu
 token for token; sampling is exact speculative sampling. This file travels with saved checkpoints as remote code.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache
@@ -35,6 +35,9 @@ class SpeculationStats:
     rounds: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    # Per new token: True where the early exit drafted it and the full model accepted it, False where the full
+    # model's verification produced it.
+    from_draft: list[bool] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -49,12 +52,15 @@ class SelfSpeculativeOutput(GenerateDecoderOnlyOutput):
 
     rounds (`int`): draft-and-verify rounds. drafted_tokens (`int`): tokens drafted by the early exit.
     accepted_tokens (`int`): drafted tokens the full model accepted. acceptance_rate (`float`): their ratio.
+    from_draft (`torch.BoolTensor` of shape `(new_tokens,)`): which new tokens are accepted drafts (the rest come
+    from verification).
     """
 
     rounds: int | None = None
     drafted_tokens: int | None = None
     accepted_tokens: int | None = None
     acceptance_rate: float | None = None
+    from_draft: torch.BoolTensor | None = None
 
 
 def validate_self_speculative_request(model, generation_mode, generation_config, generation_mode_kwargs) -> None:
@@ -413,6 +419,7 @@ def self_speculative_decoding(
             scores.extend(processed[i : i + 1] for i in range(num_kept))
         if raw_logits is not None:
             raw_logits.extend(raw[i : i + 1] for i in range(num_kept))
+        stats.from_draft.extend(position < num_accepted for position in range(num_kept))
         cur_len += num_kept
         # Every layer keeps all tokens but the last, which the next round's first draft step processes.
         state.crop(cur_len - 1)
@@ -432,4 +439,5 @@ def self_speculative_decoding(
         drafted_tokens=stats.drafted_tokens,
         accepted_tokens=stats.accepted_tokens,
         acceptance_rate=stats.acceptance_rate,
+        from_draft=torch.tensor(stats.from_draft, dtype=torch.bool),
     )

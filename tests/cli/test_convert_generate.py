@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 from hf_layerskip import LayerSkipLlamaForCausalLM
 from hf_layerskip.cli import build_parser, main
 from hf_layerskip.cli.convert import LAYERSKIP_OPTIONS
-from hf_layerskip.defaults import DEFAULT_CHECKPOINT_NAME
+from hf_layerskip.defaults import BASE_CHECKPOINT_NAME
 from hf_layerskip.modeling.configuration_layerskip_llama import LAYERSKIP_FIELDS
 
 PROMPT = "w3 w9 w27 w81"
@@ -101,17 +101,19 @@ def test_convert_needs_source_and_output_or_default():
 
 
 def test_convert_default_prints_the_cached_checkpoint(checkpoint, tmp_path, monkeypatch, capsys):
-    cached = tmp_path / DEFAULT_CHECKPOINT_NAME
+    cached = tmp_path / BASE_CHECKPOINT_NAME
     cached.symlink_to(checkpoint, target_is_directory=True)
     monkeypatch.setenv("HF_LAYERSKIP_CACHE", str(tmp_path))
+    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_ADAPTER_DIR", tmp_path / "no-adapter")
     monkeypatch.setattr("hf_layerskip.defaults.fetch_default_gguf", _no_download)
     assert main(["convert", "--default"]) == 0
     assert capsys.readouterr().out.strip() == str(cached)
 
 
 def test_generate_uses_the_default_checkpoint_without_model(checkpoint, tmp_path, monkeypatch, capsys):
-    (tmp_path / DEFAULT_CHECKPOINT_NAME).symlink_to(checkpoint, target_is_directory=True)
+    (tmp_path / BASE_CHECKPOINT_NAME).symlink_to(checkpoint, target_is_directory=True)
     monkeypatch.setenv("HF_LAYERSKIP_CACHE", str(tmp_path))
+    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_ADAPTER_DIR", tmp_path / "no-adapter")
     monkeypatch.setattr("hf_layerskip.defaults.fetch_default_gguf", _no_download)
     expected, _, _ = reference_completion(checkpoint)
     assert main(["generate", PROMPT, "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0

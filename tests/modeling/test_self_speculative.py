@@ -501,3 +501,23 @@ def test_speculative_module_imports_only_torch_and_transformers():
         for alias in node.names
     }
     assert roots <= {"torch", "transformers", "dataclasses"}, roots
+
+
+@pytest.mark.parametrize("max_new_tokens", [7, 40])
+def test_from_draft_marks_exactly_the_accepted_drafts(agreeing, max_new_tokens):
+    input_ids = prompt(10, seed=21)
+    output = agreeing.generate(
+        input_ids,
+        max_new_tokens=max_new_tokens,
+        assistant_early_exit=2,
+        num_assistant_tokens=4,
+        return_dict_in_generate=True,
+    )
+    new_tokens = output.sequences[0, input_ids.shape[1] :]
+    assert output.from_draft.shape == new_tokens.shape
+    assert 0 < int(output.from_draft.sum()) <= output.accepted_tokens
+    # Every token marked as drafted is what the exit after layer 2 predicts from the tokens before it.
+    with torch.no_grad():
+        exit_tokens = agreeing(output.sequences, exit_layer=2).logits[0, input_ids.shape[1] - 1 : -1].argmax(-1)
+    assert torch.equal(new_tokens[output.from_draft], exit_tokens[output.from_draft])
+    assert not torch.equal(new_tokens, exit_tokens)  # so the check above tells drafts from verified tokens

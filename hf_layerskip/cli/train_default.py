@@ -1,0 +1,123 @@
+"""`hf-layerskip train-default`: rebuild the default model's LoRA adapter from the base GGUF, offline, resumably.
+
+Three stages, each skipped when its output is already in --work-dir: self-distillation data (the base model's
+greedy continuations of standard-library coding prompts), LoRA training with `hf-layerskip train` and the recipe,
+and the adapter's export (bf16 safetensors plus `layerskip_settings.json`).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import yaml
+
+DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2_self_speculative.yaml"
+DISTILLATION_SECTION = "self_distillation"
+DISTILLATION_DEFAULTS = dict(num_prompts=512, max_new_tokens=128, batch_size=16, seed=0)
+
+
+def add_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "train-default",
+        help="retrain the default model's LayerSkip adapter from the base GGUF (resumes where it stopped)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--recipe",
+        default=str(DEFAULT_RECIPE),
+        help="YAML recipe: `hf-layerskip train` options plus a self_distillation section (default: "
+        "recipes/smollm2_self_speculative.yaml)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="where the data, training checkpoints and adapter go; rerun with the same directory to resume "
+        "(default: the cache directory's train-default/)",
+    )
+    parser.add_argument(
+        "--adapter-dir",
+        default=None,
+        help="where to export the adapter (default: WORK_DIR/adapter); hf_layerskip/default_adapter is the shipped one",
+    )
+    parser.add_argument("--exit-layer", type=int, default=None, help="exit layer E to record with the adapter")
+    parser.add_argument("--num-speculations", type=int, default=None, help="draft length d to record with the adapter")
+    parser.set_defaults(run=run)
+
+
+def load_recipe(path: str | Path) -> tuple[dict, dict]:
+    """`(distillation settings, train options)` of a recipe; errors name the file."""
+    from .train import load_config_file
+
+    path = Path(path)
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a YAML mapping of `hf-layerskip train` options (file missing or empty).")
+    distillation = values.get(DISTILLATION_SECTION) or {}
+    unknown = sorted(set(distillation) - set(DISTILLATION_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown {DISTILLATION_SECTION} settings {unknown}; allowed: {', '.join(DISTILLATION_DEFAULTS)}."
+        )
+    return {**DISTILLATION_DEFAULTS, **distillation}, load_config_file(path, other_sections=(DISTILLATION_SECTION,))
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..defaults import base_checkpoint, cache_dir
+
+    try:
+        distillation, train_options = load_recipe(args.recipe)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"hf-layerskip train-default: {error}") from None
+    work_dir = Path(args.work_dir) if args.work_dir else cache_dir() / "train-default"
+    base = base_checkpoint()
+    data_files = distill(base, work_dir / "data", distillation)
+    run_dir = work_dir / "run"
+    train(base, data_files, run_dir, train_options)
+    adapter_dir = Path(args.adapter_dir) if args.adapter_dir else work_dir / "adapter"
+    settings = {"exit_layer": args.exit_layer, "num_speculations": args.num_speculations}
+    export_adapter(run_dir, adapter_dir, {k: v for k, v in settings.items() if v is not None})
+    print(adapter_dir, flush=True)
+    return 0
+
+
+def distill(base: Path, data_dir: Path, settings: dict) -> list[Path]:
+    import torch
+    from transformers import AutoTokenizer
+
+    from ..generation.builtin import plain_llama_view
+    from ..modeling import LayerSkipLlamaForCausalLM
+    from ..trainer.self_distillation import stdlib_function_prompts, write_self_distillation_data
+
+    prompts = stdlib_function_prompts(seed=settings["seed"])[: settings["num_prompts"]]
+    model = plain_llama_view(LayerSkipLlamaForCausalLM.from_pretrained(base, dtype=torch.float32))
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    return write_self_distillation_data(
+        model, tokenizer, prompts, data_dir, settings["max_new_tokens"], batch_size=settings["batch_size"]
+    )
+
+
+def train(base: Path, data_files: list[Path], run_dir: Path, train_options: dict) -> None:
+    from .train import run as run_train
+
+    if (run_dir / "adapter_model.safetensors").is_file():
+        return
+    options = dict(train_options, model=str(base), train_files=[str(f) for f in data_files], output_dir=str(run_dir))
+    if any(run_dir.glob("checkpoint-*")):
+        options["resume_from_checkpoint"] = "latest"
+    run_train(argparse.Namespace(**options))
+
+
+def export_adapter(run_dir: Path, adapter_dir: Path, settings: dict) -> None:
+    """The trained adapter in bf16 (half the bytes; LoRA factors lose nothing that matters after merging) and the
+    LayerSkip settings to apply when it is merged."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ..defaults import SETTINGS_FILE_NAME
+
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    tensors = load_file(run_dir / "adapter_model.safetensors")
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, adapter_dir / "adapter_model.safetensors")
+    (adapter_dir / "adapter_config.json").write_text((run_dir / "adapter_config.json").read_text())
+    (adapter_dir / SETTINGS_FILE_NAME).write_text(json.dumps(settings, indent=2) + "\n")
