@@ -3,7 +3,7 @@
 import argparse
 import importlib
 
-SUBCOMMANDS = ("convert", "generate", "train", "train-default", "benchmark", "sweep", "layers", "correctness")
+SUBCOMMANDS = ("convert", "generate", "demo", "train", "train-default", "benchmark", "sweep", "layers", "correctness")
 
 
 def build_parser() -> argparse.ArgumentParser:
