@@ -1,12 +1,14 @@
 """Conversion of a Hugging Face Llama directory into a LayerSkip checkpoint (tiny, offline).
 
-`tiny_tokenizer` and `save_tiny_llama` are also used by the CLI tests.
+`tiny_tokenizer`, `save_tiny_llama` and `save_tiny_adapter` are also used by other tests.
 """
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
 from transformers import (
@@ -20,7 +22,7 @@ from transformers import (
 )
 
 from hf_layerskip import LayerSkipLlamaForCausalLM
-from hf_layerskip.conversion import convert, load_as_layerskip
+from hf_layerskip.conversion import convert, load_as_layerskip, merge_lora_adapter
 
 VOCAB_SIZE = 128
 CHAT_TEMPLATE = (
@@ -163,3 +165,43 @@ def test_missing_source_is_reported(tmp_path, source):
     (tmp_path / "no_config_dir").mkdir()
     with pytest.raises(FileNotFoundError, match=source):
         convert(tmp_path / source, tmp_path / "layerskip")
+
+
+def save_tiny_adapter(model, directory: Path, seed: int = 1, **lora_settings) -> torch.nn.Module:
+    """Saves a LoRA adapter with random non-zero factors on `model` (left unchanged); returns the peft model."""
+    from peft import LoraConfig, get_peft_model
+
+    settings = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], task_type="CAUSAL_LM")
+    adapted = get_peft_model(copy.deepcopy(model), LoraConfig(**{**settings, **lora_settings}))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_" in name:
+                parameter.normal_(std=0.2)
+    adapted.save_pretrained(directory)
+    return adapted.eval()
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_merged_adapter_gives_the_peft_models_logits(llama_dir, tmp_path, use_rslora):
+    source, _ = llama_dir
+    model = LayerSkipLlamaForCausalLM.from_pretrained(convert(source, tmp_path / "layerskip")).eval()
+    adapted = save_tiny_adapter(model, tmp_path / "adapter", use_rslora=use_rslora)
+    input_ids = torch.randint(3, VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids).logits
+        expected = adapted(input_ids).logits
+        merged = merge_lora_adapter(model, tmp_path / "adapter")(input_ids).logits
+    assert not torch.allclose(before, expected, atol=1e-3)
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_rejects_an_adapter_for_other_modules(llama_dir, tmp_path):
+    source, _ = llama_dir
+    model = LayerSkipLlamaForCausalLM.from_pretrained(convert(source, tmp_path / "layerskip"))
+    save_tiny_adapter(model, tmp_path / "adapter")
+    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    renamed = {key.replace("q_proj", "qkv_proj"): value for key, value in tensors.items()}
+    save_file(renamed, tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match="qkv_proj, which the model does not have"):
+        merge_lora_adapter(model, tmp_path / "adapter")

@@ -1,0 +1,58 @@
+"""The default checkpoint: the converted base with the shipped LoRA adapter merged in, built once per adapter."""
+
+import json
+
+import pytest
+import torch
+from test_conversion import VOCAB_SIZE, save_tiny_adapter, save_tiny_llama
+
+from hf_layerskip import LayerSkipLlamaForCausalLM
+from hf_layerskip.conversion import convert
+from hf_layerskip.defaults import BASE_CHECKPOINT_NAME, SETTINGS_FILE_NAME, build_from_adapter, default_checkpoint
+
+
+@pytest.fixture
+def base(tmp_path):
+    save_tiny_llama(tmp_path / "llama", num_layers=4)
+    return convert(tmp_path / "llama", tmp_path / "base")
+
+
+def test_built_checkpoint_has_the_adapter_and_its_settings(base, tmp_path):
+    model = LayerSkipLlamaForCausalLM.from_pretrained(base).eval()
+    adapted = save_tiny_adapter(model, tmp_path / "adapter")
+    (tmp_path / "adapter" / SETTINGS_FILE_NAME).write_text(json.dumps({"exit_layer": 3, "num_speculations": 2}))
+    built = LayerSkipLlamaForCausalLM.from_pretrained(build_from_adapter(base, tmp_path / "adapter", tmp_path / "out"))
+    assert (built.config.exit_layer, built.config.num_speculations) == (3, 2)
+    assert built.generation_config.num_assistant_tokens == 2
+    input_ids = torch.randint(3, VOCAB_SIZE, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(built.eval()(input_ids).logits, adapted(input_ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_settings_file_names_the_field(base, tmp_path):
+    save_tiny_adapter(LayerSkipLlamaForCausalLM.from_pretrained(base), tmp_path / "adapter")
+    (tmp_path / "adapter" / SETTINGS_FILE_NAME).write_text(json.dumps({"exit_layer": 9}))
+    with pytest.raises(ValueError, match="exit_layer"):
+        build_from_adapter(base, tmp_path / "adapter", tmp_path / "out")
+
+
+def test_default_checkpoint_is_built_once_per_adapter_version(base, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / BASE_CHECKPOINT_NAME).symlink_to(base, target_is_directory=True)
+    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_ADAPTER_DIR", tmp_path / "no-adapter")
+    assert default_checkpoint(cache) == cache / BASE_CHECKPOINT_NAME
+
+    adapter = tmp_path / "adapter"
+    save_tiny_adapter(LayerSkipLlamaForCausalLM.from_pretrained(base), adapter, seed=1)
+    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_ADAPTER_DIR", adapter)
+    first = default_checkpoint(cache)
+    assert first.parent == cache and first != cache / BASE_CHECKPOINT_NAME
+    modified = first.stat().st_mtime_ns
+    assert default_checkpoint(cache) == first and first.stat().st_mtime_ns == modified
+
+    save_tiny_adapter(LayerSkipLlamaForCausalLM.from_pretrained(base), adapter, seed=2)
+    second = default_checkpoint(cache)
+    assert second != first
+    weights = [LayerSkipLlamaForCausalLM.from_pretrained(path).model.layers[0].self_attn.q_proj.weight for path in (first, second)]
+    assert not torch.equal(*weights)
