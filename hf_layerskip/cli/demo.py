@@ -11,9 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .measure_options import DTYPES, check_exit_layers, load_model
+from ..generation.metrics import machine_description
+from .measure_options import DTYPES, check_exit_layers, load_model, write_json
 
-# The last 40 of HumanEval's 164 problems: the held-out range the demo draws its prompts from.
+# The last 40 of HumanEval's 164 problems, held out from choosing the default model's exit layer and draft length
+# (its sweep used problems 0..123; its training data holds no HumanEval problem).
 HELD_OUT_PROBLEMS = range(124, 164)
 DEFAULT_PROBLEMS = (124, 130, 140)
 DEMO_DTYPES = ("float32", "bfloat16")
@@ -82,6 +84,9 @@ def add_parser(subparsers) -> None:
         help="torch device: cpu, cuda or cuda:N; 'auto' picks cuda when available (default cpu)",
     )
     parser.add_argument(
+        "--output", default=None, metavar="PATH", help="also write every figure to this JSON file (default: none)"
+    )
+    parser.add_argument(
         "--color",
         choices=("auto", "always", "never"),
         default="auto",
@@ -143,6 +148,24 @@ class DemoResult:
     def num_verified(self) -> int:
         """New tokens that the full model's verification produced."""
         return len(self.speculative_tokens) - self.num_drafted_kept
+
+    def to_dict(self) -> dict:
+        return {
+            "prompt_id": self.prompt_id,
+            "new_tokens": len(self.speculative_tokens),
+            "plain_tokens_per_second": self.plain_tokens_per_second,
+            "speculative_tokens_per_second": self.speculative_tokens_per_second,
+            "speedup": self.speedup,
+            "acceptance_rate": self.acceptance_rate,
+            "drafted_tokens": self.drafted_tokens,
+            "accepted_tokens": self.accepted_tokens,
+            "tokens_from_draft": self.num_drafted_kept,
+            "tokens_from_verification": self.num_verified,
+            "identical": self.identical,
+            "mismatch_position": self.mismatch_position,
+            "logit_gap": self.logit_gap,
+            "is_tie": self.is_tie,
+        }
 
 
 def _timed_generate(model, input_ids: torch.LongTensor, **kwargs):
@@ -370,4 +393,16 @@ def run(args: argparse.Namespace) -> int:
     print("\n" + summary_table(results))
     if color:
         print(legend(exit_layer, num_layers))
+    if args.output:
+        settings = dict(vars(args), model=str(model.config._name_or_path), exit_layer=exit_layer)
+        settings.update(num_speculations=speculations, machine=machine_description(model.device))
+        summary = {
+            "median_speedup": statistics.median(r.speedup for r in results),
+            "acceptance_rate": sum(r.accepted_tokens for r in results) / max(sum(r.drafted_tokens for r in results), 1),
+            "identical": sum(r.identical for r in results),
+            "prompts": len(results),
+        }
+        settings = {k: v for k, v in settings.items() if k != "run"}
+        write_json(args.output, {"settings": settings, "summary": summary, "per_prompt": [r.to_dict() for r in results]})
+        print(f"wrote {args.output}")
     return 0

@@ -42,7 +42,14 @@ def add_parser(subparsers) -> None:
     )
     parser.add_argument("--text-field", default="text", help="field of a .jsonl text source (default text)")
     parser.add_argument(
-        "--num-texts", type=int, default=40, metavar="N", help="use at most the first N texts (default 40)"
+        "--num-texts", type=int, default=40, metavar="N", help="use at most N texts (default 40)"
+    )
+    parser.add_argument(
+        "--first-text",
+        type=int,
+        default=0,
+        metavar="K",
+        help="skip the first K texts, e.g. 124 for the HumanEval problems 124..163 (default 0)",
     )
     parser.add_argument("--max-length", type=int, default=512, metavar="T", help="tokens kept per text (default 512)")
     parser.add_argument(
@@ -66,7 +73,9 @@ def run(args: argparse.Namespace) -> int:
     labels = args.labels or [Path(str(c)).name if c else "SmolLM2-135M-Instruct" for c in checkpoints]
     if len(labels) != len(checkpoints):
         raise SystemExit(f"hf-layerskip layers: --labels needs {len(checkpoints)} labels, got {len(labels)}: {labels}.")
-    texts = load_texts(args.text, args.num_texts, args.text_field)
+    texts = load_texts(args.text, args.num_texts, args.text_field, args.first_text)
+    if not texts:
+        raise SystemExit(f"hf-layerskip layers: no texts left after skipping --first-text {args.first_text}.")
 
     curves = {}
     for label, checkpoint in zip(labels, checkpoints):

@@ -113,8 +113,8 @@ def stdlib_sources(limit: int | None = None, min_chars: int = 2000) -> list[str]
 TEXT_SOURCES = ("humaneval", "stdlib")
 
 
-def load_texts(source: str, limit: int | None = None, text_field: str = "text") -> list[str]:
-    """Plain texts for perplexity and layer agreement.
+def load_texts(source: str, limit: int | None = None, text_field: str = "text", first: int = 0) -> list[str]:
+    """Plain texts for perplexity and layer agreement: `limit` of them from the `first` on.
 
     `source`: `humaneval` (each prompt followed by its canonical solution), `stdlib` (standard-library modules),
     a `.jsonl` file (its `text_field`), or any other text file (one text).
@@ -122,7 +122,7 @@ def load_texts(source: str, limit: int | None = None, text_field: str = "text") 
     if source == "humaneval":
         texts = [example.prompt + example.reference for example in load_humaneval()]
     elif source == "stdlib":
-        texts = stdlib_sources(limit)
+        texts = stdlib_sources(None if limit is None else first + limit)
     else:
         path = Path(source)
         if not path.is_file():
@@ -131,7 +131,7 @@ def load_texts(source: str, limit: int | None = None, text_field: str = "text") 
             texts = [_field(record, text_field, path, n) for n, record in enumerate(read_jsonl(path))]
         else:
             texts = [path.read_text(encoding="utf-8")]
-    return texts[:limit]
+    return texts[first:][:limit]
 
 
 PROMPT_SOURCES = ("humaneval", "jsonl", "summarization")

@@ -1,6 +1,7 @@
 """`hf-layerskip demo` on a tiny LayerSkip checkpoint and its tiny tokenizer (offline)."""
 
 import io
+import json
 import re
 
 import pytest
@@ -267,3 +268,15 @@ def test_help_documents_every_option(capsys):
     (subparsers,) = [action for action in build_parser()._actions if action.dest == "command"]
     for action in subparsers.choices["demo"]._actions:
         assert action.help and action.option_strings[-1] in help_text
+
+
+def test_output_json_holds_the_printed_figures(checkpoint, references, capsys, tmp_path, one_thread):
+    _, _, expected = references
+    run_cli(capsys, checkpoint, "--color", "never", "--output", str(tmp_path / "demo.json"))
+    written = json.loads((tmp_path / "demo.json").read_text())
+    assert written["summary"]["identical"] == written["summary"]["prompts"] == len(expected)
+    assert [row["tokens_from_draft"] for row in written["per_prompt"]] == [int(d.sum()) for _, d in expected]
+    drafted = sum(row["drafted_tokens"] for row in written["per_prompt"])
+    accepted = sum(row["accepted_tokens"] for row in written["per_prompt"])
+    assert written["summary"]["acceptance_rate"] == pytest.approx(accepted / drafted)
+    assert written["settings"]["exit_layer"] == 2 and written["settings"]["machine"]["cpu_count"] >= 1

@@ -58,6 +58,9 @@ def test_summarization_prompts_fill_the_template_and_cut_the_article(tmp_path):
 def test_humaneval_texts_are_prompt_plus_solution():
     examples = load_humaneval(range(3))
     assert load_texts("humaneval", limit=3) == [e.prompt + e.reference for e in examples]
+    held_out = load_humaneval(range(124, 164))
+    assert load_texts("humaneval", limit=100, first=124) == [e.prompt + e.reference for e in held_out]
+    assert load_texts("stdlib", limit=2, first=1) == load_texts("stdlib", limit=3)[1:]
     assert [e.id for e in load_prompts("humaneval", limit=3)] == ["HumanEval/0", "HumanEval/1", "HumanEval/2"]
 
 
