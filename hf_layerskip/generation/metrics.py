@@ -1,5 +1,6 @@
 """Measurements around generation: ROUGE-L, peak memory, greedy mismatches and per-strategy summaries."""
 
+import math
 import os
 import platform
 import statistics
@@ -219,3 +220,22 @@ def markdown_table(summaries: list[StrategySummary]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+@torch.inference_mode()
+def reference_perplexity(model, tokenizer, examples) -> float:
+    """Perplexity of the last layer on each example's reference given its prompt, pooled over reference tokens.
+
+    `examples` are `PromptExample`s with a `reference` (HumanEval: the canonical solution after the problem). Only
+    the reference's tokens are scored, each conditioned on the prompt and the reference tokens before it.
+    """
+    total_loss, total_tokens = 0.0, 0
+    for example in examples:
+        # Tokenised apart, so that the reference's tokens do not depend on a merge across the boundary.
+        prompt_ids = tokenizer(example.prompt, return_tensors="pt")["input_ids"]  # (1, prompt_length)
+        reference_ids = tokenizer(example.reference, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        input_ids = torch.cat([prompt_ids, reference_ids], dim=1).to(model.device)  # (1, length)
+        logits = model(input_ids).logits[0, prompt_ids.shape[1] - 1 : -1].float()  # (reference_length, vocab)
+        total_loss += float(torch.nn.functional.cross_entropy(logits, reference_ids[0].to(model.device), reduction="sum"))
+        total_tokens += reference_ids.shape[1]
+    return math.exp(total_loss / total_tokens)

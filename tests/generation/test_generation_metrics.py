@@ -1,11 +1,13 @@
 """ROUGE-L, mismatch positions, peak memory and per-strategy summaries against direct computations."""
 
+import math
 import statistics
 
 import pytest
 import torch
 
 from hf_layerskip.generation.metrics import (
+    reference_perplexity,
     PeakMemory,
     first_mismatch,
     markdown_table,
@@ -93,3 +95,24 @@ def test_summary_follows_the_definitions():
     plain_summary = summarize(Strategy("plain"), plain, plain, [None, None], [], plain_ms)
     assert plain_summary.speedup == pytest.approx(1.0) and plain_summary.mismatches == 0
     assert plain_summary.acceptance_rate is None and plain_summary.rouge_l is None
+
+
+def test_reference_perplexity_scores_only_the_references_tokens(one_thread):
+    from conftest import tiny_model
+    from test_conversion import tiny_tokenizer
+
+    from hf_layerskip.generation.data import PromptExample
+
+    model, tokenizer = tiny_model(vocab_size=128), tiny_tokenizer()
+    examples = [PromptExample("a", "w1 w2 w3", " w4 w5"), PromptExample("b", "w9", " w10 w11 w12")]
+    losses, counts = [], []
+    for example in examples:
+        input_ids = tokenizer(example.prompt + example.reference, return_tensors="pt")["input_ids"]
+        labels = input_ids.clone()
+        prompt_length = len(tokenizer(example.prompt)["input_ids"])
+        labels[0, :prompt_length] = -100  # transformers' own loss over the reference tokens only
+        with torch.no_grad():
+            losses.append(float(model(input_ids, labels=labels).loss))
+        counts.append(input_ids.shape[1] - prompt_length)
+    pooled = sum(loss * count for loss, count in zip(losses, counts)) / sum(counts)
+    assert reference_perplexity(model, tokenizer, examples) == pytest.approx(math.exp(pooled), rel=1e-5)
