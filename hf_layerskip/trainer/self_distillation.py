@@ -7,8 +7,10 @@ shape of a HumanEval problem), so no benchmark problem enters the training set.
 
 import ast
 import json
+import os
 import random
 import sysconfig
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -22,14 +24,19 @@ def stdlib_function_prompts(min_chars: int = 80, max_chars: int = 1200, seed: in
 
     Each prompt keeps the module's `import` lines above the function, as a HumanEval problem keeps its imports.
     """
-    root = Path(sysconfig.get_paths()["stdlib"])
-    prompts = []
-    for path in sorted(root.rglob("*.py")):
-        if any(part in SKIPPED_STDLIB_FOLDERS for part in path.relative_to(root).parts[:-1]):
-            continue
-        prompts.extend(_module_function_prompts(path, min_chars, max_chars))
+    prompts = list(_all_function_prompts(min_chars, max_chars))
     random.Random(seed).shuffle(prompts)
     return prompts
+
+
+@lru_cache(maxsize=4)
+def _all_function_prompts(min_chars: int, max_chars: int) -> tuple[str, ...]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    paths = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if name not in SKIPPED_STDLIB_FOLDERS)
+        paths.extend(Path(folder) / name for name in sorted(files) if name.endswith(".py"))
+    return tuple(prompt for path in paths for prompt in _module_function_prompts(path, min_chars, max_chars))
 
 
 def _module_function_prompts(path: Path, min_chars: int, max_chars: int) -> list[str]:
