@@ -75,7 +75,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default=None, help="converted LayerSkip checkpoint (default: SmolLM2)")
+    parser.add_argument("--checkpoint", default=None, help="converted LayerSkip checkpoint (default: SmolLM2 as converted, without the LayerSkip adapter)")
     parser.add_argument("--exit-layers", type=int, nargs="+", default=[4, 10, 20], help="E values")
     parser.add_argument("--num-speculations", type=int, nargs="+", default=[2, 4, 6], help="d values")
     parser.add_argument("--prompts", type=int, default=20, help="the first N HumanEval prompts")
@@ -89,9 +89,9 @@ def main(argv=None):
     if options.threads:
         torch.set_num_threads(options.threads)
     if options.checkpoint is None:
-        from hf_layerskip.defaults import default_checkpoint
+        from hf_layerskip.defaults import base_checkpoint
 
-        options.checkpoint = str(default_checkpoint())
+        options.checkpoint = str(base_checkpoint())
     model = LayerSkipLlamaForCausalLM.from_pretrained(options.checkpoint, dtype=getattr(torch, options.dtype))
     model = model.to(options.device).eval()
     tokenizer = AutoTokenizer.from_pretrained(options.checkpoint)

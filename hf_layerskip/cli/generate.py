@@ -23,7 +23,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="LayerSkip checkpoint directory (default: SmolLM2-135M-Instruct, fetched and converted on first use)",
+        help="LayerSkip checkpoint directory (default: the default model, SmolLM2-135M-Instruct with the shipped "
+        "LayerSkip adapter, built on first use)",
     )
     exits = parser.add_mutually_exclusive_group()
     exits.add_argument(

@@ -13,7 +13,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         default=None,
-        help="LayerSkip checkpoint directory (default: SmolLM2-135M-Instruct, fetched and converted on first use)",
+        help="LayerSkip checkpoint directory (default: the default model, SmolLM2-135M-Instruct with the shipped "
+        "LayerSkip adapter, built on first use)",
     )
     parser.add_argument(
         "--device",

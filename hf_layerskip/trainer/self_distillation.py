@@ -36,7 +36,7 @@ def _all_function_prompts(min_chars: int, max_chars: int) -> tuple[str, ...]:
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = sorted(name for name in subfolders if name not in SKIPPED_STDLIB_FOLDERS)
         paths.extend(Path(folder) / name for name in sorted(files) if name.endswith(".py"))
-    return tuple(prompt for path in paths for prompt in _module_function_prompts(path, min_chars, max_chars))
+    return tuple(prompt for path in sorted(paths) for prompt in _module_function_prompts(path, min_chars, max_chars))
 
 
 def _module_function_prompts(path: Path, min_chars: int, max_chars: int) -> list[str]:
