@@ -1,6 +1,7 @@
 """Measurements around generation: ROUGE-L, peak memory, greedy mismatches and per-strategy summaries."""
 
 import math
+import mmap
 import os
 import platform
 import statistics
@@ -58,9 +59,16 @@ def _rss_peak_sees_allocations(probe_bytes: int = 32 * 2**20) -> bool:
     """Whether VmHWM resets and then rises with a freed allocation; some sandboxes only accept the reset."""
     _CLEAR_REFS.write_text("5")
     resident = _read_status_kib("VmRSS") * 1024
-    probe = torch.ones(probe_bytes // 4, dtype=torch.float32)  # touches every page
-    del probe
+    touch_fresh_pages(probe_bytes)
     return _read_status_kib("VmHWM") * 1024 >= resident + 0.9 * probe_bytes
+
+
+def touch_fresh_pages(num_bytes: int) -> None:
+    """Maps `num_bytes` of new anonymous memory, writes to every page, and unmaps it: a temporary allocation that
+    the allocator cannot serve from memory the process already holds."""
+    with mmap.mmap(-1, num_bytes) as memory:
+        for offset in range(0, num_bytes, mmap.PAGESIZE):
+            memory[offset] = 1
 
 
 class PeakMemory:
