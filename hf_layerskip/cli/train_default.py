@@ -109,8 +109,8 @@ def train(base: Path, data_files: list[Path], run_dir: Path, train_options: dict
 
 
 def export_adapter(run_dir: Path, adapter_dir: Path, settings: dict) -> None:
-    """The trained adapter in bf16 (half the bytes; LoRA factors lose nothing that matters after merging) and the
-    LayerSkip settings to apply when it is merged."""
+    """The trained adapter in bf16 (half the bytes of fp32; the shipped figures are measured with the bf16 factors)
+    and the LayerSkip settings to apply when it is merged."""
     import torch
     from safetensors.torch import load_file, save_file
 
