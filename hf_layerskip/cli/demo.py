@@ -5,7 +5,6 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -168,16 +167,6 @@ class DemoResult:
         }
 
 
-def _timed_generate(model, input_ids: torch.LongTensor, **kwargs):
-    """`(output, seconds)` of one greedy `generate` call, synchronising CUDA so the time covers the work."""
-    synchronize = torch.cuda.synchronize if model.device.type == "cuda" else (lambda *_: None)
-    synchronize(model.device)
-    start = time.perf_counter()
-    output = model.generate(input_ids, do_sample=False, **kwargs)
-    synchronize(model.device)
-    return output, time.perf_counter() - start
-
-
 @torch.inference_mode()
 def run_demo(
     model,
@@ -197,34 +186,32 @@ def run_demo(
     """
     from ..generation.correctness import DEFAULT_TIE_TOLERANCE, logit_gap
     from ..generation.metrics import first_mismatch
+    from ..generation.strategies import Strategy, StrategyRunner
 
     tolerance = DEFAULT_TIE_TOLERANCE.get(model.dtype, 1e-1) if tie_tolerance is None else tie_tolerance
-    common = dict(max_new_tokens=max_new_tokens)
+    common = {}
     if tokenizer.pad_token_id is None and model.generation_config.pad_token_id is None:
         common["pad_token_id"] = tokenizer.eos_token_id
-    speculative = dict(
-        assistant_early_exit=exit_layer, num_assistant_tokens=num_speculations, return_dict_in_generate=True
-    )
+    plain, speculative = Strategy("plain"), Strategy("self_speculative", exit_layer, num_speculations)
+    runner = StrategyRunner(model)
     encoded = [tokenizer(text, return_tensors="pt")["input_ids"].to(model.device) for _, text in prompts]
 
-    warmup = {**common, "max_new_tokens": min(WARMUP_NEW_TOKENS, max_new_tokens)}
-    _timed_generate(model, encoded[0], **warmup)
-    _timed_generate(model, encoded[0], **warmup, **speculative)
+    for strategy in (plain, speculative):
+        runner.run(strategy, encoded[0], min(WARMUP_NEW_TOKENS, max_new_tokens), **common)
 
     results = []
     for (prompt_id, _), input_ids in zip(prompts, encoded):
-        prompt_length = input_ids.shape[1]
-        plain, plain_seconds = _timed_generate(model, input_ids, **common)
-        output, speculative_seconds = _timed_generate(model, input_ids, **common, **speculative)
+        plain_record = runner.run(plain, input_ids, max_new_tokens, **common)
+        record = runner.run(speculative, input_ids, max_new_tokens, **common)
         result = DemoResult(
             prompt_id=prompt_id,
-            plain_tokens=plain[0, prompt_length:].cpu(),
-            speculative_tokens=output.sequences[0, prompt_length:].cpu(),
-            from_draft=output.from_draft.cpu(),
-            plain_seconds=plain_seconds,
-            speculative_seconds=speculative_seconds,
-            drafted_tokens=output.drafted_tokens,
-            accepted_tokens=output.accepted_tokens,
+            plain_tokens=plain_record.new_tokens,
+            speculative_tokens=record.new_tokens,
+            from_draft=record.from_draft,
+            plain_seconds=plain_record.seconds,
+            speculative_seconds=record.seconds,
+            drafted_tokens=record.drafted_tokens,
+            accepted_tokens=record.accepted_tokens,
         )
         result.mismatch_position = first_mismatch(result.plain_tokens, result.speculative_tokens)
         position = result.mismatch_position

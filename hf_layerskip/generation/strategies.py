@@ -66,6 +66,8 @@ class GenerationRecord:
     rounds: int | None = None
     drafted_tokens: int | None = None
     accepted_tokens: int | None = None
+    # Self-speculative only: `(num_new,)`, True where the token is an accepted draft.
+    from_draft: torch.BoolTensor | None = None
 
 
 class _CountingCandidates:
@@ -146,7 +148,7 @@ class StrategyRunner:
         record = GenerationRecord(sequences[0, input_ids.shape[1] :].cpu(), seconds)
         if strategy.kind == "self_speculative":
             record.rounds, record.drafted_tokens = output.rounds, output.drafted_tokens
-            record.accepted_tokens = output.accepted_tokens
+            record.accepted_tokens, record.from_draft = output.accepted_tokens, output.from_draft.cpu()
         elif strategy.kind == "builtin":
             counter = self._builtin_counter
             record.rounds, record.drafted_tokens = counter.rounds, counter.drafted_tokens
