@@ -1,7 +1,8 @@
 """`LayerSkipTrainer`: a `Trainer` whose training loss is the LayerSkip recipe (arXiv 2404.16710, section 4).
 
 Only the loss changes: layer dropout drawn from a generator seeded by `(args.seed, step, micro-batch)`, and the
-early-exit loss over the exits the curriculum selects. Evaluation keeps the plain last-layer loss. Per-exit losses,
+early-exit loss over the exits the curriculum selects, optionally distilled from the model with its adapters
+disabled (`distillation_weight`). Evaluation keeps the plain last-layer loss. Per-exit losses,
 the number of active exits and the mean dropout rate go out through the Trainer's normal logging.
 """
 
@@ -38,6 +39,12 @@ class LayerSkipTrainer(Trainer):
             raise ValueError("LayerSkipTrainer needs `model` (a LayerSkipLlamaForCausalLM, or a PeftModel of one).")
         args = args if args is not None else LayerSkipTrainingArguments(output_dir="trainer_output")
         self.layerskip_recipe = resolve_layerskip_recipe(args, layerskip_base_model(model).config)
+        if self.layerskip_recipe.distillation_weight > 0 and not hasattr(model, "disable_adapter"):
+            raise ValueError(
+                f"`distillation_weight` = {self.layerskip_recipe.distillation_weight} distils from the model with its "
+                f"adapters disabled, so it needs a PeftModel (e.g. a LoRA adapter); got {type(model).__name__}. "
+                "Use distillation_weight=0 to train all weights."
+            )
         if self.layerskip_recipe.layer_dropout.enabled and args.ddp_find_unused_parameters is None:
             args.ddp_find_unused_parameters = True
         super().__init__(model, args, *positional, **kwargs)
@@ -62,7 +69,16 @@ class LayerSkipTrainer(Trainer):
             layer_dropout_rates=dropout_rates,
             layer_dropout_generator=self._next_dropout_generator(step),
         )
-        exit_logits = layerskip_base_model(self.accelerator.unwrap_model(model)).exit_logits
+        unwrapped = self.accelerator.unwrap_model(model)
+        exit_logits = layerskip_base_model(unwrapped).exit_logits
+        teacher_hidden, teacher_exit_logits = None, None
+        if recipe.distillation_weight > 0:
+            teacher_hidden = self._teacher_hidden_states(model, unwrapped, inputs)  # (batch_size, seq_len, hidden)
+
+            def teacher_exit_logits(hidden_rows):
+                with unwrapped.disable_adapter():
+                    return exit_logits(hidden_rows)
+
         with self.accelerator.autocast():
             loss_sums, num_targets = early_exit_loss_sums(
                 exit_logits,
@@ -70,6 +86,9 @@ class LayerSkipTrainer(Trainer):
                 labels,
                 inputs.get("attention_mask"),
                 recipe.loss_chunk_size,
+                teacher_hidden,
+                teacher_exit_logits,
+                recipe.distillation_weight,
             )  # (K,), ()
         # Normalised over the whole accumulated batch when the Trainer counted it, else over this micro-batch.
         denominator = num_items_in_batch if num_items_in_batch is not None else num_targets.clamp(min=1)
@@ -79,6 +98,21 @@ class LayerSkipTrainer(Trainer):
 
         self._record_metrics(exits, loss_sums.detach() / num_targets.clamp(min=1), dropout_rates)
         return (loss, outputs) if return_outputs else loss
+
+    @staticmethod
+    def _teacher_hidden_states(model, unwrapped, inputs) -> torch.Tensor:
+        """The last layer's outputs `(batch_size, seq_len, hidden_size)` of the model without its adapters (or
+        their dropout) and without layer dropout."""
+        no_dropout = [0.0] * layerskip_base_model(unwrapped).config.num_hidden_layers  # else the config's in training
+        with torch.no_grad(), unwrapped.disable_adapter():
+            outputs = model(
+                **inputs,
+                use_cache=False,
+                logits_to_keep=1,
+                output_layer_hidden_states=True,
+                layer_dropout_rates=no_dropout,
+            )
+        return outputs.layer_hidden_states[-1]
 
     def _next_dropout_generator(self, step: int) -> torch.Generator:
         last_step, draws = self._dropout_draw

@@ -109,10 +109,18 @@ class LayerSkipTrainingArguments(TrainingArguments):
             "trains. Default: the model config's."
         },
     )
+    distillation_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "LayerSkip: α in [0, 1]; each trained exit's loss becomes (1 - α)·cross-entropy + α·KL(teacher ‖ "
+            "exit), the teacher being the same model with its PEFT adapters disabled (no second copy; LoRA only). "
+            "Trains the exits towards what the original model would say and holds the last layer to it."
+        },
+    )
     early_exit_loss_chunk_size: int = field(
         default=2048,
         metadata={
-            "help": "LayerSkip: the most (exit, token) rows projected through the LM head at once; the logits of one "
+            "help": "LayerSkip: the most token rows projected through the LM head at once, per exit; the logits of one "
             "chunk take chunk_size × vocab_size × 4 bytes (400 MB for 2048 rows and a 49k vocabulary)."
         },
     )
@@ -121,6 +129,7 @@ class LayerSkipTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.early_exit_loss_chunk_size < 1:
             raise ValueError(f"`early_exit_loss_chunk_size` must be >= 1, got {self.early_exit_loss_chunk_size!r}.")
+        _check_range("distillation_weight", self.distillation_weight, 0.0, 1.0)
 
     def layerskip_recipe(self, config) -> "LayerSkipRecipe":
         """The settings in force for a model with `config`: each argument, or the config's value where `None`."""
@@ -143,6 +152,7 @@ class LayerSkipRecipe:
     layer_weighting: str
     loss_scale: float
     loss_chunk_size: int
+    distillation_weight: float = 0.0
 
     def exits(self, step: int, max_steps: int) -> tuple[list[int], torch.Tensor]:
         """`(layers, weights (len(layers),))`: the exits trained at `step`, those with weight 0 left out."""
@@ -182,6 +192,7 @@ def resolve_layerskip_recipe(args: TrainingArguments, config) -> LayerSkipRecipe
         layer_weighting=settings["early_exit_layer_weighting"],
         loss_scale=settings["early_exit_loss_scale"],
         loss_chunk_size=getattr(args, "early_exit_loss_chunk_size", 2048),
+        distillation_weight=getattr(args, "distillation_weight", 0.0),
     )
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from conftest import tiny_model
-from trainer_helpers import per_layer_loop_loss
+from trainer_helpers import per_layer_loop_distillation_loss, per_layer_loop_loss
 
 from hf_layerskip.trainer import early_exit_loss, early_exit_loss_sums
 
@@ -123,3 +123,68 @@ def test_batch_without_targets_gives_zero_loss_that_backpropagates():
     loss = early_exit_loss(model.exit_logits, [outputs.layer_hidden_states[5]], labels, torch.ones(1))
     assert loss.item() == 0.0
     loss.backward()
+
+
+@pytest.mark.parametrize("alpha,chunk_size", [(1.0, 7), (0.3, 10_000), (0.3, 5)])
+def test_distillation_loss_and_gradients_equal_per_layer_loop(alpha, chunk_size):
+    layers, weights = [1, 5], torch.tensor([0.4, 0.6])
+    input_ids, labels, attention_mask = batch(seed=2)
+    teacher = tiny_model(seed=1).eval()
+
+    model = tiny_model().train()
+    reference = per_layer_loop_distillation_loss(
+        model, teacher, input_ids, labels, attention_mask, layers, weights, alpha
+    )
+    reference.backward()
+    reference_grads = gradients(model)
+
+    model.zero_grad()
+    outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_layer_hidden_states=True, use_cache=False
+    )
+    with torch.no_grad():
+        teacher_hidden = teacher(
+            input_ids=input_ids, attention_mask=attention_mask, output_layer_hidden_states=True, use_cache=False
+        ).layer_hidden_states[-1]
+    hidden = [outputs.layer_hidden_states[layer] for layer in layers]
+    loss = early_exit_loss(
+        model.exit_logits,
+        hidden,
+        labels,
+        weights,
+        attention_mask,
+        chunk_size,
+        teacher_hidden_states=teacher_hidden,
+        teacher_exit_logits=teacher.exit_logits,
+        distillation_weight=alpha,
+    )
+    loss.backward()
+
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    grads = gradients(model)
+    assert grads.keys() == reference_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_distillation_from_itself_leaves_only_the_cross_entropy_share():
+    model = tiny_model()
+    input_ids, labels, attention_mask = batch(seed=3)
+    outputs = model(input_ids=input_ids, attention_mask=attention_mask, output_layer_hidden_states=True)
+    last = [outputs.layer_hidden_states[-1]]
+    cross_entropy, _ = early_exit_loss_sums(model.exit_logits, last, labels, attention_mask)
+    mixed, _ = early_exit_loss_sums(
+        model.exit_logits, last, labels, attention_mask, teacher_hidden_states=last[0], distillation_weight=0.25
+    )
+    torch.testing.assert_close(mixed, 0.75 * cross_entropy, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [-0.1, 1.5])
+def test_distillation_weight_outside_unit_interval_is_refused(alpha):
+    model = tiny_model()
+    input_ids, labels, _ = batch()
+    hidden = model(input_ids=input_ids, output_layer_hidden_states=True).layer_hidden_states[-1]
+    with pytest.raises(ValueError, match="distillation_weight"):
+        early_exit_loss_sums(
+            model.exit_logits, [hidden], labels, teacher_hidden_states=hidden, distillation_weight=alpha
+        )

@@ -81,3 +81,23 @@ def tiny_checkpoint(directory, **overrides):
     model.save_pretrained(directory)
     char_tokenizer().save_pretrained(directory)
     return model
+
+
+def per_layer_loop_distillation_loss(model, teacher, input_ids, labels, attention_mask, layers, weights, alpha):
+    """Reference: each exit's (1 − α)·cross-entropy + α·KL(teacher's last layer ‖ exit) over full logits."""
+    outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_layer_hidden_states=True, use_cache=False
+    )
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    shifted = labels[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)
+    has_target = shifted != -100
+    teacher_log_probs = teacher_logits[:, :-1][has_target].log_softmax(dim=-1)  # (num_targets, vocab)
+    total = 0.0
+    for layer, weight in zip(layers, weights):
+        logits = model.exit_logits(outputs.layer_hidden_states[layer])[:, :-1]  # (batch, seq_len - 1, vocab)
+        log_probs = logits[has_target].log_softmax(dim=-1)
+        cross_entropy = F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=-100)
+        divergence = (teacher_log_probs.exp() * (teacher_log_probs - log_probs)).sum(dim=-1).mean()
+        total = total + weight * ((1 - alpha) * cross_entropy + alpha * divergence)
+    return total
