@@ -245,18 +245,16 @@ def verify(generator: SelfSpeculativeCandidateGenerator, candidate_ids: torch.Lo
     return state.run(hidden, exit_layer, model.config.num_hidden_layers)
 
 
-def full_model_scores(model, final_hidden, candidate_ids, cur_len, logits_processor, first: int, end: int):
-    """Raw and processed full-model scores `(end - first, vocab_size)` for verified positions `first..end-1`.
+def full_model_scores(model, final_hidden, candidate_ids, cur_len, logits_processor):
+    """Raw and processed full-model scores `(num_drafted + 1, vocab_size)` for every verified position.
 
     `final_hidden` `(1, num_drafted + 1, hidden_size)` comes from `verify`; row `i` predicts the token after
     `candidate_ids[:, : cur_len + i]`.
     """
-    raw = model.exit_logits(final_hidden[0, first:end]).float()
+    raw = model.exit_logits(final_hidden[0]).float()
     if not logits_processor:
         return raw, raw
-    processed = [
-        logits_processor(candidate_ids[:, : cur_len + i], raw[i - first : i - first + 1]) for i in range(first, end)
-    ]
+    processed = [logits_processor(candidate_ids[:, : cur_len + i], raw[i : i + 1]) for i in range(len(raw))]
     return raw, torch.cat(processed)
 
 
@@ -318,25 +316,17 @@ def accept(model, final_hidden, candidate_ids, cur_len, draft_scores, logits_pro
 
     Returns:
         The number of draft tokens accepted, the new tokens `(accepted + 1,)`, and the raw and processed scores
-        `(scored, vocab_size)` of the first `scored >= accepted + 1` positions.
+        `(num_drafted + 1, vocab_size)` of every verified position.
     """
     num_drafted = candidate_ids.shape[1] - cur_len
     draft_tokens = candidate_ids[0, cur_len:]  # (num_drafted,)
+    # One head call for every position: reading the head's weights dominates, not the number of rows.
+    raw, processed = full_model_scores(model, final_hidden, candidate_ids, cur_len, logits_processor)
     if do_sample:
-        raw, processed = full_model_scores(
-            model, final_hidden, candidate_ids, cur_len, logits_processor, 0, num_drafted + 1
-        )
         draft_probs = draft_scores[0].softmax(dim=-1) if num_drafted else processed[:0]
         num_accepted, new_tokens = accept_speculative_sampling(draft_tokens, draft_probs, processed.softmax(dim=-1))
-        return num_accepted, new_tokens, raw, processed
-    # A rejected first draft token needs no further logits: score the first position on its own.
-    raw, processed = full_model_scores(model, final_hidden, candidate_ids, cur_len, logits_processor, 0, 1)
-    if num_drafted and int(processed[0].argmax()) == int(draft_tokens[0]):
-        more_raw, more_processed = full_model_scores(
-            model, final_hidden, candidate_ids, cur_len, logits_processor, 1, num_drafted + 1
-        )
-        raw, processed = torch.cat([raw, more_raw]), torch.cat([processed, more_processed])
-    num_accepted, new_tokens = accept_greedy(draft_tokens[: len(processed) - 1], processed)
+    else:
+        num_accepted, new_tokens = accept_greedy(draft_tokens, processed)
     return num_accepted, new_tokens, raw, processed
 
 
