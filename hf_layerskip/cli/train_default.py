@@ -87,8 +87,11 @@ def distill(base: Path, data_dir: Path, settings: dict) -> list[Path]:
 
     from ..generation.builtin import plain_llama_view
     from ..modeling import LayerSkipLlamaForCausalLM
-    from ..trainer.self_distillation import stdlib_function_prompts, write_self_distillation_data
+    from ..trainer.self_distillation import shard_paths, stdlib_function_prompts, write_self_distillation_data
 
+    done = shard_paths(data_dir, settings["num_prompts"])
+    if all(shard.is_file() for shard in done):  # nothing to generate: skip loading the model
+        return done
     prompts = stdlib_function_prompts(seed=settings["seed"])[: settings["num_prompts"]]
     model = plain_llama_view(LayerSkipLlamaForCausalLM.from_pretrained(base, dtype=torch.float32))
     tokenizer = AutoTokenizer.from_pretrained(base)

@@ -95,11 +95,9 @@ def write_self_distillation_data(
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    shards = []
+    shards = shard_paths(output_dir, len(prompts), shard_size)
     starts = range(0, len(prompts), shard_size)
-    for number, start in enumerate(tqdm(starts, desc="self-distillation shards", unit="shard")):
-        shard = output_dir / f"shard-{number:05d}.jsonl"
-        shards.append(shard)
+    for shard, start in zip(tqdm(shards, desc="self-distillation shards", unit="shard"), starts):
         if shard.is_file():
             continue
         chunk = prompts[start : start + shard_size]
@@ -110,3 +108,8 @@ def write_self_distillation_data(
                 out.write(json.dumps({"text": prompt + continuation}) + "\n")
         partial.replace(shard)
     return shards
+
+
+def shard_paths(output_dir: str | Path, num_prompts: int, shard_size: int = 64) -> list[Path]:
+    """The shard files `write_self_distillation_data` writes for `num_prompts` prompts."""
+    return [Path(output_dir) / f"shard-{number:05d}.jsonl" for number in range(-(-num_prompts // shard_size))]

@@ -26,6 +26,7 @@ early_exit_curriculum: fixed
 early_exit_layers: [1]
 early_exit_layer_weighting: uniform
 early_exit_loss_scale: 1.0
+distillation_weight: 0.5
 per_device_train_batch_size: 2
 max_steps: 2
 save_steps: 1
@@ -40,6 +41,7 @@ def test_shipped_recipe_loads_with_typed_options():
     assert distillation["num_prompts"] > 0 and distillation["max_new_tokens"] > 0
     assert options["early_exit_curriculum"] == "fixed" and options["early_exit_layers"] == [11]
     assert options["lora_r"] == 16 and isinstance(options["learning_rate"], float)
+    assert options["distillation_weight"] == 1.0
 
 
 def test_unknown_distillation_setting_names_the_file(tmp_path):
@@ -71,6 +73,10 @@ def test_stages_run_once_and_the_adapter_is_exported(tmp_path, monkeypatch, caps
 
     # Rerunning finds data and training done and only exports again, with the new settings.
     monkeypatch.setattr("hf_layerskip.cli.train.run", lambda args: pytest.fail("training ran again"))
+    monkeypatch.setattr(
+        "hf_layerskip.trainer.self_distillation.stdlib_function_prompts",
+        lambda seed: pytest.fail("prompts were collected (and the model loaded) again"),
+    )
     monkeypatch.setattr(
         "hf_layerskip.trainer.self_distillation.greedy_continuations",
         lambda *args, **kwargs: pytest.fail("data was generated again"),
