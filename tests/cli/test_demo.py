@@ -71,7 +71,7 @@ def references(checkpoint):
 
 
 def run_cli(capsys, checkpoint, *options) -> str:
-    argv = ["demo", "--model", str(checkpoint), "--max-new-tokens", str(MAX_NEW_TOKENS), "--dtype", "float32"]
+    argv = ["demo", "--model", str(checkpoint), "--max-new-tokens", str(MAX_NEW_TOKENS)]  # float32, the default
     for prompt in PROMPTS:
         argv += ["--prompt", prompt]
     assert main(argv + list(options)) == 0
@@ -141,7 +141,7 @@ def test_use_color(choice, is_tty, environ, expected):
 
 def test_bfloat16_run_reports_and_exits_zero(checkpoint, capsys, one_thread):
     argv = ["demo", "--model", str(checkpoint), "--prompt", PROMPTS[0], "--max-new-tokens", "8", "--color", "never"]
-    assert main(argv) == 0  # bfloat16 is the default
+    assert main(argv + ["--dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "bfloat16 on cpu" in out and re.search(r"^all +\d+ .* [01]/1$", out, re.MULTILINE)
 
