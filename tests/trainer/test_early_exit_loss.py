@@ -22,6 +22,16 @@ def gradients(model):
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
+def assert_same_loss_and_gradients(model, loss, reference, reference_grads):
+    """Back-propagates `loss` through `model` (gradients zeroed) and compares with the reference's."""
+    loss.backward()
+    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
+    grads = gradients(model)
+    assert grads.keys() == reference_grads.keys()
+    for name in grads:
+        torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 7, 10_000])
 def test_vectorised_loss_and_gradients_equal_per_layer_loop(chunk_size):
     layers, weights = [1, 3, 5], torch.tensor([0.2, 0.3, 0.5])
@@ -38,13 +48,7 @@ def test_vectorised_loss_and_gradients_equal_per_layer_loop(chunk_size):
     )
     hidden = [outputs.layer_hidden_states[layer] for layer in layers]
     loss = early_exit_loss(model.exit_logits, hidden, labels, weights, attention_mask, chunk_size)
-    loss.backward()
-
-    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
-    grads = gradients(model)
-    assert grads.keys() == reference_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_loss_and_gradients(model, loss, reference, reference_grads)
 
 
 def test_per_exit_sums_match_each_layer_and_count_only_real_targets():
@@ -158,13 +162,7 @@ def test_distillation_loss_and_gradients_equal_per_layer_loop(alpha, chunk_size)
         teacher_exit_logits=teacher.exit_logits,
         distillation_weight=alpha,
     )
-    loss.backward()
-
-    torch.testing.assert_close(loss, reference, rtol=1e-5, atol=1e-6)
-    grads = gradients(model)
-    assert grads.keys() == reference_grads.keys()
-    for name in grads:
-        torch.testing.assert_close(grads[name], reference_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_loss_and_gradients(model, loss, reference, reference_grads)
 
 
 def test_distillation_from_itself_leaves_only_the_cross_entropy_share():
