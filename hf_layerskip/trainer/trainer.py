@@ -73,7 +73,7 @@ class LayerSkipTrainer(Trainer):
         exit_logits = layerskip_base_model(unwrapped).exit_logits
         teacher_hidden, teacher_exit_logits = None, None
         if recipe.distillation_weight > 0:
-            teacher_hidden = self._teacher_hidden_states(model, unwrapped, inputs)  # (batch_size, seq_len, hidden)
+            teacher_hidden = self._teacher_hidden_states(unwrapped, inputs)  # (batch_size, seq_len, hidden)
 
             def teacher_exit_logits(hidden_rows):
                 with unwrapped.disable_adapter():
@@ -100,12 +100,12 @@ class LayerSkipTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     @staticmethod
-    def _teacher_hidden_states(model, unwrapped, inputs) -> torch.Tensor:
+    def _teacher_hidden_states(peft_model, inputs) -> torch.Tensor:
         """The last layer's outputs `(batch_size, seq_len, hidden_size)` of the model without its adapters (or
-        their dropout) and without layer dropout."""
-        no_dropout = [0.0] * layerskip_base_model(unwrapped).config.num_hidden_layers  # else the config's in training
-        with torch.no_grad(), unwrapped.disable_adapter():
-            outputs = model(
+        their dropout) and without layer dropout; outside DDP, which has no gradients to synchronise here."""
+        no_dropout = [0.0] * layerskip_base_model(peft_model).config.num_hidden_layers  # else the config's in training
+        with torch.no_grad(), peft_model.disable_adapter():
+            outputs = peft_model(
                 **inputs,
                 use_cache=False,
                 logits_to_keep=1,
