@@ -118,8 +118,9 @@ def test_untrained_adapter_distils_nothing_at_the_last_layer_even_with_dropout_i
     without the layer dropout the model config asks for in training."""
     config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
     model = get_peft_model(tiny_model(layer_dropout_max=0.9), config).train()
-    args = training_args(tmp_path, layer_dropout_max=0.0, early_exit_curriculum="fixed", early_exit_layers=[1])
-    args.distillation_weight = 1.0
+    args = training_args(
+        tmp_path, layer_dropout_max=0.0, early_exit_curriculum="fixed", early_exit_layers=[1], distillation_weight=1.0
+    )
     trainer = LayerSkipTrainer(model, args, train_dataset=token_dataset())
     input_ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(4))
     trainer.compute_loss(model, {"input_ids": input_ids, "labels": input_ids})
