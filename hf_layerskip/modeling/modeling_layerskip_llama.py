@@ -15,6 +15,8 @@ from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+from transformers.utils import auto_docstring, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
@@ -151,9 +153,12 @@ class LayerSkipLlamaModel(LlamaModel):
             return None
         return sample_keep_masks(rates, batch_size, generator).to(self.embed_tokens.weight.device)
 
-    # Override: early exit, per-sample layer dropout, and every layer's output for the early-exit loss.
+    # Override: early exit, per-sample layer dropout, and every layer's output for the early-exit loss. The decorators
+    # are stock Llama's: `past_key_values=` maps to `cache`, config defaults, output capture, `return_dict=False`.
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
     @merge_with_config_defaults
     @capture_outputs
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -227,11 +232,21 @@ class LayerSkipLlamaForCausalLM(LlamaForCausalLM):
         # Draft a constant number of tokens unless a confidence threshold is asked for.
         self.generation_config.assistant_confidence_threshold = 0.0
 
+    # Override: a checkpoint shipped as remote code also loads as the base model with `AutoModel`, as Llama's does.
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        if self._auto_class is not None:
+            base = f"{type(self.model).__module__.rsplit('.', 1)[-1]}.{type(self.model).__name__}"
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": base}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def exit_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The shared exit: final norm and LM head on any layer's output `(..., hidden_size)` -> `(..., vocab_size)`."""
         return self.lm_head(self.model.norm(hidden_states))
 
-    # Override: pass the LayerSkip arguments through to the decoder.
+    # Override: pass the LayerSkip arguments through to the decoder. Decorators as stock Llama's.
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    @auto_docstring
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -267,6 +282,8 @@ class LayerSkipLlamaForCausalLM(LlamaForCausalLM):
             layer_dropout_rates=layer_dropout_rates,
             layer_dropout_generator=layer_dropout_generator,
             output_layer_hidden_states=output_layer_hidden_states,
+            # `can_return_tuple` has taken the caller's choice; the decoder's output is read by name here.
+            return_dict=True,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

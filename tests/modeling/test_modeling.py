@@ -1,5 +1,7 @@
 """LayerSkipLlamaForCausalLM against a plain LlamaForCausalLM with the same weights: logits, exits, checkpoints."""
 
+import json
+
 import pytest
 import torch
 from conftest import tiny_model
@@ -154,3 +156,71 @@ def test_checkpoint_round_trips_with_settings_and_generation_defaults(tmp_path):
     assert_close(loaded(input_ids).logits, model(input_ids).logits)
     assert (loaded.config.exit_layer, loaded.config.num_speculations, loaded.config.layer_dropout_max) == (4, 3, 0.2)
     assert loaded.generation_config.num_assistant_tokens == 3
+
+
+# transformers' keyword and output contracts, as stock Llama keeps them.
+
+
+def test_past_key_values_keyword_continues_the_cache_as_llama(model):
+    input_ids = torch.randint(0, 128, (2, 7))
+    llama = plain_llama(model)
+
+    def continued(m):
+        prefix = m(input_ids[:, :4], use_cache=True)
+        with pytest.warns(FutureWarning, match="past_key_values"):
+            step = m(input_ids[:, 4:], past_key_values=prefix.cache, use_cache=True)
+        return torch.cat([prefix.logits, step.logits], dim=1)
+
+    expected = continued(llama)
+    assert_close(expected, llama(input_ids).logits, atol=1e-5, rtol=1e-5)
+    assert_close(continued(model), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_prefix_tuning_changes_logits_as_it_changes_llamas(model):
+    peft = pytest.importorskip("peft")
+    input_ids = torch.randint(0, 128, (2, 7))
+    llama = plain_llama(model)
+    untuned = llama(input_ids).logits
+
+    def prefix_tuned(m):
+        torch.manual_seed(1)
+        config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)
+        return peft.get_peft_model(m, config).eval()
+
+    expected = prefix_tuned(llama)(input_ids=input_ids).logits
+    assert (expected - untuned).abs().max() > 1e-2, "the prefix should change the logits"
+    assert_close(prefix_tuned(model)(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_return_dict_false_gives_llamas_tuples(model, padded_batch):
+    input_ids, attention_mask = padded_batch
+    settings = dict(attention_mask=attention_mask, labels=input_ids, use_cache=True, output_hidden_states=True)
+    expected = plain_llama(model)(input_ids, return_dict=False, **settings)
+    as_argument = model(input_ids, return_dict=False, **settings)
+    model.config.return_dict = False
+    from_config = model(input_ids, **settings)
+    for ours in (as_argument, from_config):
+        assert type(ours) is tuple and len(ours) == len(expected) == 4  # loss, logits, cache, hidden states
+        assert_close(ours[0], expected[0], atol=1e-5, rtol=1e-5)
+        assert_close(ours[1], expected[1], atol=1e-5, rtol=1e-5)
+        assert ours[2].get_seq_length() == expected[2].get_seq_length() == input_ids.shape[1]
+        assert_close(ours[3], expected[3], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_model_builds_and_loads_the_base_model(model, tmp_path, padded_batch):
+    from transformers import AutoModel, LlamaModel
+
+    from hf_layerskip import LayerSkipLlamaModel
+
+    assert type(AutoModel.from_config(model.config)) is LayerSkipLlamaModel
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == (
+        "modeling_layerskip_llama.LayerSkipLlamaModel"
+    )
+    base = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(base) is LayerSkipLlamaModel
+    input_ids, attention_mask = padded_batch
+    attended = attention_mask.bool()
+    expected = LlamaModel.from_pretrained(tmp_path).eval()(input_ids, attention_mask=attention_mask)
+    ours = base(input_ids, attention_mask=attention_mask)
+    assert_close(ours.last_hidden_state[attended], expected.last_hidden_state[attended], atol=1e-5, rtol=1e-5)

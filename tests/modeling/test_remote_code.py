@@ -20,11 +20,12 @@ REMOTE_SCRIPT = textwrap.dedent(
     sys.modules["hf_layerskip"] = None
     import json
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForCausalLM
 
     checkpoint, prompt = sys.argv[1], json.loads(sys.argv[2])
     exit_layer, num_speculations, max_new_tokens = map(int, sys.argv[3:6])
     model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    base = AutoModel.from_pretrained(checkpoint, trust_remote_code=True).eval()
     input_ids = torch.tensor(prompt)
 
     def greedy(**kwargs):
@@ -38,6 +39,9 @@ REMOTE_SCRIPT = textwrap.dedent(
         "stats": [model.speculation_stats.drafted_tokens, model.speculation_stats.accepted_tokens],
         "early_exit": greedy(early_exit=exit_layer),
         "early_exit_logits": model(input_ids, exit_layer=exit_layer).logits.tolist(),
+        "base_class_name": type(base).__name__,
+        "base_module": type(base).__module__,
+        "base_hidden": base(input_ids).last_hidden_state.tolist(),
     }
     print(json.dumps(results))
     """
@@ -89,3 +93,7 @@ def test_checkpoint_runs_as_remote_code_without_hf_layerskip(tmp_path):
     assert remote["early_exit"] == expected_early[0].tolist()
     assert remote["early_exit"] != expected, "early exit should be lossy on this model"
     torch.testing.assert_close(torch.tensor(remote["early_exit_logits"]), model(input_ids, exit_layer=EXIT_LAYER).logits)
+    # The causal LM's checkpoint also loads as the base model.
+    assert remote["base_class_name"] == "LayerSkipLlamaModel"
+    assert remote["base_module"].startswith("transformers_modules.")
+    torch.testing.assert_close(torch.tensor(remote["base_hidden"]), model.model(input_ids).last_hidden_state)
