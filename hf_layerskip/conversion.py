@@ -114,31 +114,3 @@ def convert(
     tokenizer.save_pretrained(output_dir)
     return output_dir
 
-
-def merge_lora_adapter(model: LayerSkipLlamaForCausalLM, adapter_dir: str | Path) -> LayerSkipLlamaForCausalLM:
-    """Adds a peft LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into `model`'s weights.
-
-    Each adapted linear weight `W (out, in)` becomes `W + (alpha / r)·B @ A`, with `A (r, in)` and `B (out, r)`
-    (`alpha / √r` for rsLoRA), as peft's `merge_and_unload` does, without needing peft. Returns `model`.
-    """
-    import json
-
-    from safetensors.torch import load_file
-
-    adapter_dir = Path(adapter_dir)
-    settings = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if settings.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{adapter_dir}: only LoRA adapters merge, got peft_type={settings['peft_type']!r}.")
-    rank, alpha = settings["r"], settings["lora_alpha"]
-    scale = alpha / rank**0.5 if settings.get("use_rslora") else alpha / rank
-    tensors = load_file(adapter_dir / "adapter_model.safetensors")
-    weights = dict(model.named_parameters())
-    for key in [key for key in tensors if key.endswith(".lora_A.weight")]:
-        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
-        if module + ".weight" not in weights:
-            raise ValueError(f"{adapter_dir}: the adapter targets {module}, which the model does not have.")
-        down, up = tensors[key].float(), tensors[key.replace(".lora_A.", ".lora_B.")].float()  # (r, in), (out, r)
-        weight = weights[module + ".weight"]
-        with torch.no_grad():
-            weight += (scale * up @ down).to(weight.dtype)
-    return model

@@ -82,14 +82,15 @@ def build_from_adapter(base: str | Path, adapter_dir: str | Path, output_dir: st
     """Saves `base` with the LoRA adapter in `adapter_dir` merged in, and the adapter's `layerskip_settings.json`
     (e.g. the sweep's `exit_layer` and `num_speculations`) applied to the config and generation config."""
     import torch
+    from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from .conversion import merge_lora_adapter, speculation_defaults
+    from .conversion import speculation_defaults
     from .modeling import LayerSkipLlamaForCausalLM
 
     adapter_dir = Path(adapter_dir)
     model = LayerSkipLlamaForCausalLM.from_pretrained(base, dtype=torch.float32)
-    merge_lora_adapter(model, adapter_dir)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     settings_path = adapter_dir / SETTINGS_FILE_NAME
     settings = json.loads(settings_path.read_text()) if settings_path.is_file() else {}
     model.config = type(model.config).from_dict({**model.config.to_dict(), **settings})

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from hf_layerskip import LayerSkipLlamaForCausalLM
-from hf_layerskip.conversion import convert, load_as_layerskip, merge_lora_adapter
+from hf_layerskip.conversion import convert, load_as_layerskip
 
 VOCAB_SIZE = 128
 CHAT_TEMPLATE = (
@@ -181,27 +181,3 @@ def save_tiny_adapter(model, directory: Path, seed: int = 1, **lora_settings) ->
     adapted.save_pretrained(directory)
     return adapted.eval()
 
-
-@pytest.mark.parametrize("use_rslora", [False, True])
-def test_merged_adapter_gives_the_peft_models_logits(llama_dir, tmp_path, use_rslora):
-    source, _ = llama_dir
-    model = LayerSkipLlamaForCausalLM.from_pretrained(convert(source, tmp_path / "layerskip")).eval()
-    adapted = save_tiny_adapter(model, tmp_path / "adapter", use_rslora=use_rslora)
-    input_ids = torch.randint(3, VOCAB_SIZE, (2, 9), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        before = model(input_ids).logits
-        expected = adapted(input_ids).logits
-        merged = merge_lora_adapter(model, tmp_path / "adapter")(input_ids).logits
-    assert not torch.allclose(before, expected, atol=1e-3)
-    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_merge_rejects_an_adapter_for_other_modules(llama_dir, tmp_path):
-    source, _ = llama_dir
-    model = LayerSkipLlamaForCausalLM.from_pretrained(convert(source, tmp_path / "layerskip"))
-    save_tiny_adapter(model, tmp_path / "adapter")
-    tensors = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    renamed = {key.replace("q_proj", "qkv_proj"): value for key, value in tensors.items()}
-    save_file(renamed, tmp_path / "adapter" / "adapter_model.safetensors")
-    with pytest.raises(ValueError, match="qkv_proj, which the model does not have"):
-        merge_lora_adapter(model, tmp_path / "adapter")

@@ -17,16 +17,29 @@ def base(tmp_path):
     return convert(tmp_path / "llama", tmp_path / "base")
 
 
-def test_built_checkpoint_has_the_adapter_and_its_settings(base, tmp_path):
+# Per-module ranks and scales, and rsLoRA's alpha / sqrt(r): merging must follow peft's reading of each.
+ADAPTER_VARIANTS = {
+    "plain": {},
+    "patterns": dict(rank_pattern={"v_proj": 2, "layers.1.self_attn.q_proj": 6}, alpha_pattern={"down_proj": 3}),
+    "rslora": dict(use_rslora=True, rank_pattern={"q_proj": 8}),
+}
+
+
+@pytest.mark.parametrize("variant", ADAPTER_VARIANTS)
+def test_built_checkpoint_has_the_adapter_and_its_settings(base, tmp_path, variant):
     model = LayerSkipLlamaForCausalLM.from_pretrained(base).eval()
-    adapted = save_tiny_adapter(model, tmp_path / "adapter")
+    adapted = save_tiny_adapter(model, tmp_path / "adapter", **ADAPTER_VARIANTS[variant])
     (tmp_path / "adapter" / SETTINGS_FILE_NAME).write_text(json.dumps({"exit_layer": 3, "num_speculations": 2}))
     built = LayerSkipLlamaForCausalLM.from_pretrained(build_from_adapter(base, tmp_path / "adapter", tmp_path / "out"))
     assert (built.config.exit_layer, built.config.num_speculations) == (3, 2)
     assert built.generation_config.num_assistant_tokens == 2
     input_ids = torch.randint(3, VOCAB_SIZE, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
+        assert not torch.allclose(model(input_ids).logits, adapted(input_ids).logits, atol=1e-3)
         torch.testing.assert_close(built.eval()(input_ids).logits, adapted(input_ids).logits, atol=1e-5, rtol=1e-5)
+    ranks = {name: module.lora_A["default"].out_features for name, module in adapted.named_modules() if hasattr(module, "lora_A")}
+    expected_rank = ADAPTER_VARIANTS[variant].get("rank_pattern", {}).get("v_proj", 4)
+    assert ranks["base_model.model.model.layers.0.self_attn.v_proj"] == expected_rank  # the pattern took effect
 
 
 def test_bad_settings_file_names_the_field(base, tmp_path):
