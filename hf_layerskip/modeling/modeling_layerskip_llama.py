@@ -268,8 +268,12 @@ class LayerSkipLlamaForCausalLM(LlamaForCausalLM):
 
         exit_layer (`int`, *optional*):
             Run layers `0..exit_layer-1` only, then the model's own final norm and LM head.
-        layer_dropout_rates, layer_dropout_generator, output_layer_hidden_states:
-            See [`LayerSkipLlamaModel.forward`].
+        layer_dropout_rates (`list[float]`, *optional*):
+            One dropout rate per layer, overriding the config's schedule; see [`LayerSkipLlamaModel.forward`].
+        layer_dropout_generator (`torch.Generator`, *optional*):
+            CPU generator for the layer-dropout masks; see [`LayerSkipLlamaModel.forward`].
+        output_layer_hidden_states (`bool`, *optional*):
+            Return each run layer's output before the final norm as `layer_hidden_states`.
         """
         outputs: LayerSkipModelOutput = self.model(
             input_ids=input_ids,
