@@ -1,6 +1,6 @@
 """Does the LayerSkip recipe make early exits usable? Train the same tiny byte-level model from scratch on the
 standard library's Python source, for the same steps on the same data: plain (no layer dropout, last-layer loss
-only) and with each LayerSkip recipe (default: recipes/pretraining_from_scratch.yaml and the model config's
+only) and with each LayerSkip recipe (default: hf_layerskip/recipes/pretraining_from_scratch.yaml and the model config's
 defaults). Then report, on held-out files, each exit's top-1 agreement with the last layer and its loss.
 
     python benchmarks/recipe_effect.py --hidden-size 128 --max-steps 1000 --plot recipe_effect.png
@@ -23,7 +23,7 @@ from hf_layerskip.trainer.evaluation import ExitReport, exit_report
 from hf_layerskip.trainer.training_args import LAYERSKIP_ARGUMENT_NAMES
 
 VOCAB_SIZE = 256  # bytes
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[1] / "hf_layerskip" / "recipes"
 DEFAULT_RECIPE = RECIPES / "pretraining_from_scratch.yaml"
 
 

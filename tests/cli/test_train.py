@@ -1,6 +1,7 @@
 """`hf-layerskip train`: help, YAML config with command-line overrides, input errors before training, full and
 LoRA runs on a tiny checkpoint, resume, and a short LoRA run on SmolLM2 (real_model)."""
 
+import dataclasses
 import json
 import re
 import sys
@@ -16,6 +17,8 @@ from trainer_helpers import tiny_checkpoint  # noqa: E402
 
 import hf_layerskip.cli.train as train_cli  # noqa: E402
 from hf_layerskip.cli import build_parser, main  # noqa: E402
+from hf_layerskip.cli.parsing import dataclasses_from  # noqa: E402
+from hf_layerskip.trainer import LayerSkipTrainingArguments  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICK = [
@@ -71,21 +74,49 @@ def test_yaml_config_with_command_line_overrides(tmp_path):
     config.write_text(
         "learning_rate: 1e-4\n"  # YAML reads this as a string; it must still become a float
         "max_steps: 5\n"
+        "warmup_steps: 2\n"
         "early_exit_curriculum: gradual\n"
         "lora_r: 4\n"
         "bf16: false\n"
         "train_files: [a.txt, b.jsonl]\n"
         "layer_dropout_layers: [1, 2]\n"
+        "lora_target_modules: q_proj\n"  # one value for a list option
     )
-    args = build_parser().parse_args(["train", "--config", str(config), "--max-steps", "7", "--lora_alpha", "3"])
-    script, lora, training = train_cli.parse_options(vars(args))
+    # Flags override the file wherever they stand, before or after --config, in either spelling.
+    argv = ["train", "--warmup-steps", "3", "--config", str(config), "--max-steps", "7", "--lora_alpha", "3",
+            "--output-dir", str(tmp_path / "run")]  # fmt: skip
+    script, lora, training = dataclasses_from(build_parser().parse_args(argv), train_cli.ARGUMENT_TYPES)
     assert training.learning_rate == 1e-4 and isinstance(training.learning_rate, float)
-    assert training.max_steps == 7  # the command line wins
+    assert (training.max_steps, training.warmup_steps) == (7, 3)
     assert training.early_exit_curriculum == "gradual" and training.layer_dropout_layers == [1, 2]
-    assert training.bf16 is False
-    assert (lora.lora_r, lora.lora_alpha) == (4, 3.0)
+    assert training.bf16 is False and training.output_dir == str(tmp_path / "run")
+    assert (lora.lora_r, lora.lora_alpha, lora.lora_target_modules) == (4, 3.0, ["q_proj"])
     assert script.train_files == ["a.txt", "b.jsonl"]
-    assert training.layer_dropout_max is None  # unset: from the model config
+
+    # Whatever neither the file nor the flags set keeps the default its dataclass declares.
+    declared = dict(zip(train_cli.ARGUMENT_TYPES, (train_cli.TrainScriptArguments(), train_cli.LoraArguments(),
+                                                   LayerSkipTrainingArguments(output_dir=str(tmp_path / "run")))))  # fmt: skip
+    given = {"learning_rate", "max_steps", "warmup_steps", "early_exit_curriculum", "lora_r", "bf16", "train_files",
+             "layer_dropout_layers", "lora_target_modules", "lora_alpha", "output_dir", "config"}  # fmt: skip
+    for parsed in (script, lora, training):
+        for field in dataclasses.fields(parsed):
+            if field.init and field.name not in given:
+                expected = getattr(declared[type(parsed)], field.name)
+                assert getattr(parsed, field.name) == expected, field.name
+
+
+def test_output_dir_takes_both_spellings(tmp_path):
+    for option in ("--output_dir", "--output-dir"):
+        args = build_parser().parse_args(["train", option, str(tmp_path / option)])
+        assert dataclasses_from(args, train_cli.ARGUMENT_TYPES)[2].output_dir == str(tmp_path / option)
+
+
+def test_a_bad_config_file_stops_the_command_with_its_line(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("max_steps: 5\nwarmup_stepz: 3\n")
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--config", str(tmp_path / "run.yaml"), "--train_files", "x.txt"])
+    assert stop.value.code == 2
+    assert re.search(r"hf-layerskip train: error: .*run\.yaml:2: unknown option 'warmup_stepz'", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize(
@@ -177,7 +208,7 @@ def test_short_lora_run_on_smollm2(tmp_path, smollm2_checkpoint):
 
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     output = tmp_path / "smollm2-adapter"
-    argv = ["--config", str(ROOT / "recipes" / "continual_pretraining.yaml"), "--model", str(smollm2_checkpoint),
+    argv = ["--config", str(ROOT / "hf_layerskip" / "recipes" / "continual_pretraining.yaml"), "--model", str(smollm2_checkpoint),
             "--train_files", str(stdlib / "bisect.py"), str(stdlib / "heapq.py"), "--seq_length", "64",
             "--max_steps", "3", "--gradient_accumulation_steps", "1", "--lora_r", "8", "--warmup_steps", "0",
             "--save_strategy", "no", "--output_dir", str(output), *QUICK]  # fmt: skip

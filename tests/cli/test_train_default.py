@@ -72,7 +72,7 @@ def test_stages_run_once_and_the_adapter_is_exported(tmp_path, monkeypatch, caps
     assert json.loads((work / "adapter" / SETTINGS_FILE_NAME).read_text()) == {"exit_layer": 2}
 
     # Rerunning finds data and training done and only exports again, with the new settings.
-    monkeypatch.setattr("hf_layerskip.cli.train.run", lambda args: pytest.fail("training ran again"))
+    monkeypatch.setattr("hf_layerskip.cli.train.train", lambda *options: pytest.fail("training ran again"))
     monkeypatch.setattr(
         "hf_layerskip.trainer.self_distillation.stdlib_function_prompts",
         lambda seed: pytest.fail("prompts were collected (and the model loaded) again"),
@@ -89,8 +89,9 @@ def test_an_interrupted_training_resumes_from_its_newest_checkpoint(tmp_path, mo
     run_dir = tmp_path / "run"
     (run_dir / "checkpoint-1").mkdir(parents=True)
     seen = []
-    monkeypatch.setattr("hf_layerskip.cli.train.run", lambda args: seen.append(vars(args)))
-    train_default.train(tmp_path / "base", [tmp_path / "data.jsonl"], run_dir, {"max_steps": 5})
-    (options,) = seen
-    assert options["resume_from_checkpoint"] == "latest" and options["max_steps"] == 5
-    assert options["train_files"] == [str(tmp_path / "data.jsonl")] and options["output_dir"] == str(run_dir)
+    monkeypatch.setattr("hf_layerskip.cli.train.train", lambda *options: seen.append(options))
+    train_default.train(tmp_path / "base", [tmp_path / "data.jsonl"], run_dir, {"max_steps": 5, "lora_r": 2})
+    ((script, lora, training),) = seen
+    assert training.resume_from_checkpoint == "latest" and training.max_steps == 5 and lora.lora_r == 2
+    assert script.train_files == [str(tmp_path / "data.jsonl")] and training.output_dir == str(run_dir)
+    assert script.model == str(tmp_path / "base")

@@ -1,5 +1,5 @@
 """The recipe works: a tiny byte-level model trained from scratch on standard-library Python with
-recipes/pretraining_from_scratch.yaml has early exits that agree with its last layer far more often than the same
+hf_layerskip/recipes/pretraining_from_scratch.yaml has early exits that agree with its last layer far more often than the same
 model trained plainly, at a last-layer loss within 10% of the plain run's. (benchmarks/recipe_effect.py, smaller.)"""
 
 import importlib.util
