@@ -1,5 +1,6 @@
 """Turn a Hugging Face Llama directory or a Llama-architecture GGUF file into a LayerSkip checkpoint."""
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -20,6 +21,8 @@ def split_source(source: str | Path) -> tuple[Path, str | None]:
     if source.suffix == ".gguf":
         if not source.is_file():
             raise FileNotFoundError(f"GGUF file not found: {source}")
+        if importlib.util.find_spec("gguf") is None:  # transformers' own error would not name our extra
+            raise ModuleNotFoundError("Reading a .gguf file needs gguf: pip install 'hf_layerskip[gguf]'", name="gguf")
         return source.parent, source.name
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"{source} is neither a .gguf file nor a model directory with a config.json")

@@ -1,6 +1,7 @@
 """`hf-layerskip correctness`: greedy self-speculative decoding must equal plain greedy decoding, token for token."""
 
 import argparse
+from dataclasses import dataclass, field
 
 from .measure_options import (
     add_generation_arguments,
@@ -12,11 +13,39 @@ from .measure_options import (
     parse_pairs,
     write_json,
 )
+from .parsing import add_dataclass_command, dataclasses_from
+
+
+@dataclass
+class CorrectnessArguments:
+    _argument_group_name = "correctness check"
+
+    pairs: str | None = field(
+        default=None,
+        metadata={
+            "help": "(exit layer, draft length) pairs, e.g. 8:2,20:4 (unset: E at L/4, L/2 and 3L/4, each with d = 1 "
+            "and 4).",
+            "metavar": "E:d,...",
+        },
+    )
+    tie_tolerance: float | None = field(
+        default=None,
+        metadata={
+            "help": "Largest logit gap that counts as a numerical tie (unset, by dtype: float32 1e-3, float16 2e-2, "
+            "bfloat16 1e-1).",
+            "metavar": "GAP",
+        },
+    )
+    output: str | None = field(
+        default=None, metadata={"help": "Also write every check to this JSON file.", "metavar": "PATH"}
+    )
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_dataclass_command(
+        subparsers,
         "correctness",
+        [CorrectnessArguments],
         help="check that greedy self-speculative decoding equals plain greedy decoding (exit 1 on a mismatch)",
         description=(
             "Greedy-decode each prompt plainly, then self-speculatively at every (E, d) pair, and compare the new "
@@ -29,24 +58,6 @@ def add_parser(subparsers) -> None:
     add_model_arguments(parser)
     add_prompt_arguments(parser, default_count=10)
     add_generation_arguments(parser, default_new_tokens=64)
-    parser.add_argument(
-        "--pairs",
-        type=parse_pairs,
-        default=None,
-        metavar="E:d,...",
-        help="(exit layer, draft length) pairs, e.g. 8:2,20:4 (default: E at L/4, L/2 and 3L/4, each with d = 1 and 4)",
-    )
-    parser.add_argument(
-        "--tie-tolerance",
-        type=float,
-        default=None,
-        metavar="GAP",
-        help="largest logit gap that counts as a numerical tie (default by dtype: float32 1e-3, float16 2e-2, "
-        "bfloat16 1e-1)",
-    )
-    parser.add_argument(
-        "--output", default=None, metavar="PATH", help="also write every check to this JSON file (default: none)"
-    )
     parser.set_defaults(run=run)
 
 
@@ -58,14 +69,19 @@ def default_pairs(num_layers: int) -> list[tuple[int, int]]:
 def run(args: argparse.Namespace) -> int:
     from ..generation.correctness import check_correctness
 
+    (options,) = dataclasses_from(args, [CorrectnessArguments])
+    try:
+        pairs = parse_pairs(options.pairs) if options.pairs else None
+    except argparse.ArgumentTypeError as error:
+        raise SystemExit(f"hf-layerskip correctness: --pairs: {error}") from None
     model, tokenizer = load_model(args.model, args.dtype, args.device, "correctness")
-    pairs = args.pairs or default_pairs(model.config.num_hidden_layers)
+    pairs = pairs or default_pairs(model.config.num_hidden_layers)
     check_exit_layers([e for e, _ in pairs], model, "correctness")
     if min(d for _, d in pairs) < 1:
         raise SystemExit(f"hf-layerskip correctness: draft lengths must be at least 1, got {pairs}.")
     prompts, encoded = load_encoded_prompts(args, tokenizer, model.device)
     checks = check_correctness(
-        model, [p.id for p in prompts], encoded, pairs, args.max_new_tokens, args.tie_tolerance, not args.no_progress
+        model, [p.id for p in prompts], encoded, pairs, args.max_new_tokens, options.tie_tolerance, not args.no_progress
     )
 
     failures = [c for c in checks if not c.passed]
@@ -87,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
                 f"({'numerical tie' if c.is_tie else 'not a tie'})"
             )
         print(f"MISMATCH {c.prompt_id} E={c.exit_layer} d={c.num_speculations}: {where}: {detail}")
-    if args.output:
-        write_json(args.output, {"pairs": pairs, "checks": [c.to_dict() for c in checks]})
+    if options.output:
+        write_json(options.output, {"pairs": pairs, "checks": [c.to_dict() for c in checks]})
     print(f"{len(failures)} mismatches in {len(checks)} checks")
     return 1 if failures else 0

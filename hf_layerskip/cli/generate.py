@@ -3,15 +3,64 @@
 import argparse
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 
 from .convert import DTYPES
+from .parsing import add_dataclass_command, dataclasses_from
+
+
+@dataclass
+class GenerateArguments:
+    model: str | None = field(
+        default=None,
+        metadata={
+            "help": "LayerSkip checkpoint directory (unset: the default model, SmolLM2-135M-Instruct with the "
+            "shipped LayerSkip adapter, built on first use)."
+        },
+    )
+    early_exit: int | None = field(
+        default=None, metadata={"help": "Decode with the first E layers only (lossy, fastest).", "metavar": "E"}
+    )
+    assistant_early_exit: int | None = field(
+        default=None,
+        metadata={
+            "help": "Self-speculative decoding: draft with the first E layers, verify with the rest (lossless).",
+            "metavar": "E",
+        },
+    )
+    num_speculations: int | None = field(
+        default=None,
+        metadata={
+            "help": "Draft tokens per self-speculative round (unset: the checkpoint's num_speculations).",
+            "metavar": "D",
+        },
+    )
+    max_new_tokens: int = field(default=128, metadata={"help": "Tokens to generate.", "metavar": "N"})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy decoding."})
+    temperature: float | None = field(
+        default=None, metadata={"help": "Sampling temperature (with --do-sample).", "metavar": "T"}
+    )
+    top_p: float | None = field(
+        default=None, metadata={"help": "Nucleus sampling mass (with --do-sample).", "metavar": "P"}
+    )
+    seed: int | None = field(default=None, metadata={"help": "Random seed for sampling.", "metavar": "S"})
+    no_chat_template: bool = field(
+        default=False, metadata={"help": "Feed PROMPT as plain text even when the tokenizer has a chat template."}
+    )
+    dtype: str = field(default="float32", metadata={"help": "Compute dtype.", "choices": list(DTYPES)})
+    device: str | None = field(
+        default=None,
+        metadata={"help": "Torch device, e.g. cpu or cuda:0 (unset: cuda when available, else cpu)."},
+    )
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_dataclass_command(
+        subparsers,
         "generate",
+        [GenerateArguments],
         help="generate text from a prompt (full model, early exit, or self-speculative decoding)",
         description=(
             "Stream a completion of PROMPT to stdout, then print the speed (tokens/s) and, for self-speculative "
@@ -19,50 +68,17 @@ def add_parser(subparsers) -> None:
             "--assistant-early-exit is given."
         ),
     )
+    # Positional, so not a dataclass field.
     parser.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="LayerSkip checkpoint directory (default: the default model, SmolLM2-135M-Instruct with the shipped "
-        "LayerSkip adapter, built on first use)",
-    )
-    exits = parser.add_mutually_exclusive_group()
-    exits.add_argument(
-        "--early-exit", type=int, metavar="E", help="decode with the first E layers only (lossy, fastest)"
-    )
-    exits.add_argument(
-        "--assistant-early-exit",
-        type=int,
-        metavar="E",
-        help="self-speculative decoding: draft with the first E layers, verify with the rest (lossless)",
-    )
-    parser.add_argument(
-        "--num-speculations",
-        type=int,
-        metavar="D",
-        help="draft tokens per self-speculative round (default: the checkpoint's num_speculations)",
-    )
-    parser.add_argument("--max-new-tokens", type=int, default=128, metavar="N", help="tokens to generate (default 128)")
-    parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    parser.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (with --do-sample)")
-    parser.add_argument("--top-p", type=float, metavar="P", help="nucleus sampling mass (with --do-sample)")
-    parser.add_argument("--seed", type=int, metavar="S", help="random seed for sampling")
-    parser.add_argument(
-        "--no-chat-template",
-        action="store_true",
-        help="feed PROMPT as plain text even when the tokenizer has a chat template",
-    )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
-    parser.add_argument(
-        "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda when available, else cpu)"
-    )
     parser.set_defaults(run=run)
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
-    if args.num_speculations is not None and args.assistant_early_exit is None:
+def _check_arguments(options: GenerateArguments) -> None:
+    if options.early_exit is not None and options.assistant_early_exit is not None:
+        raise SystemExit("hf-layerskip generate: --early-exit and --assistant-early-exit exclude each other")
+    if options.num_speculations is not None and options.assistant_early_exit is None:
         raise SystemExit("hf-layerskip generate: --num-speculations needs --assistant-early-exit")
-    if not args.do_sample and any(getattr(args, name) is not None for name in ("temperature", "top_p", "seed")):
+    if not options.do_sample and any(value is not None for value in (options.temperature, options.top_p, options.seed)):
         raise SystemExit("hf-layerskip generate: --temperature, --top-p and --seed need --do-sample")
 
 
@@ -94,29 +110,30 @@ def load_checkpoint(model_path, dtype: torch.dtype, device: str):
 def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
-    _check_arguments(args)
-    if args.model is None:
+    (options,) = dataclasses_from(args, [GenerateArguments])
+    _check_arguments(options)
+    if options.model is None:
         from ..defaults import default_checkpoint
 
-        args.model = default_checkpoint()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype], device)
+        options.model = default_checkpoint()
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_checkpoint(options.model, DTYPES[options.dtype], device)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    inputs = encode_prompt(tokenizer, prompt, use_chat_template=not args.no_chat_template).to(device)
+    inputs = encode_prompt(tokenizer, prompt, use_chat_template=not options.no_chat_template).to(device)
 
-    generate_kwargs = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
-    if args.do_sample:
+    generate_kwargs = dict(max_new_tokens=options.max_new_tokens, do_sample=options.do_sample)
+    if options.do_sample:
         generate_kwargs.update(
-            {name: getattr(args, name) for name in ("temperature", "top_p") if getattr(args, name) is not None}
+            {name: getattr(options, name) for name in ("temperature", "top_p") if getattr(options, name) is not None}
         )
-        if args.seed is not None:
-            torch.manual_seed(args.seed)
-    if args.early_exit is not None:
-        generate_kwargs["early_exit"] = args.early_exit
-    if args.assistant_early_exit is not None:
-        generate_kwargs["assistant_early_exit"] = args.assistant_early_exit
-        if args.num_speculations is not None:
-            generate_kwargs["num_assistant_tokens"] = args.num_speculations
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+    if options.early_exit is not None:
+        generate_kwargs["early_exit"] = options.early_exit
+    if options.assistant_early_exit is not None:
+        generate_kwargs["assistant_early_exit"] = options.assistant_early_exit
+        if options.num_speculations is not None:
+            generate_kwargs["num_assistant_tokens"] = options.num_speculations
     if tokenizer.pad_token_id is None and model.generation_config.pad_token_id is None:
         generate_kwargs["pad_token_id"] = tokenizer.eos_token_id
 
@@ -128,9 +145,9 @@ def run(args: argparse.Namespace) -> int:
     sys.stdout.flush()
 
     new_tokens = sequences.shape[1] - inputs["input_ids"].shape[1]
-    print(_describe_mode(args, model), file=sys.stderr)
+    print(_describe_mode(options, model), file=sys.stderr)
     print(f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s", file=sys.stderr)
-    if args.assistant_early_exit is not None:
+    if options.assistant_early_exit is not None:
         stats = model.speculation_stats
         print(
             f"drafted {stats.drafted_tokens}, accepted {stats.accepted_tokens}, rounds {stats.rounds}, "
@@ -140,11 +157,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _describe_mode(args: argparse.Namespace, model) -> str:
+def _describe_mode(options: GenerateArguments, model) -> str:
     num_layers = model.config.num_hidden_layers
-    if args.early_exit is not None:
-        return f"early exit: layers 1-{args.early_exit} of {num_layers}"
-    if args.assistant_early_exit is not None:
-        drafts = args.num_speculations or model.generation_config.num_assistant_tokens
-        return f"self-speculative: draft with layers 1-{args.assistant_early_exit} of {num_layers}, {drafts} per round"
+    if options.early_exit is not None:
+        return f"early exit: layers 1-{options.early_exit} of {num_layers}"
+    if options.assistant_early_exit is not None:
+        drafts = options.num_speculations or model.generation_config.num_assistant_tokens
+        return f"self-speculative: draft with layers 1-{options.assistant_early_exit} of {num_layers}, {drafts} per round"
     return f"full model: {num_layers} layers"

@@ -105,12 +105,6 @@ def test_yaml_config_with_command_line_overrides(tmp_path):
                 assert getattr(parsed, field.name) == expected, field.name
 
 
-def test_output_dir_takes_both_spellings(tmp_path):
-    for option in ("--output_dir", "--output-dir"):
-        args = build_parser().parse_args(["train", option, str(tmp_path / option)])
-        assert dataclasses_from(args, train_cli.ARGUMENT_TYPES)[2].output_dir == str(tmp_path / option)
-
-
 def test_a_bad_config_file_stops_the_command_with_its_line(tmp_path, capsys):
     (tmp_path / "run.yaml").write_text("max_steps: 5\nwarmup_stepz: 3\n")
     with pytest.raises(SystemExit) as stop:
