@@ -4,6 +4,8 @@ Importing it registers `LayerSkipLlamaConfig`, `LayerSkipLlamaModel` and `LayerS
 classes, and marks them so that `save_pretrained` ships their code for `trust_remote_code=True` loading.
 """
 
+import importlib
+
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .modeling import *  # noqa: F403
@@ -19,4 +21,21 @@ LayerSkipLlamaConfig.register_for_auto_class()
 LayerSkipLlamaModel.register_for_auto_class("AutoModel")
 LayerSkipLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 
-__all__ = [*_modeling_all, "__version__"]
+# Loaded on first use, as trl exports its trainers: the trainer imports `transformers.Trainer`, which
+# `import hf_layerskip` should not pay for.
+_LAZY_EXPORTS = {"LayerSkipTrainer": ".trainer", "LayerSkipTrainingArguments": ".trainer"}
+
+
+def __getattr__(name):
+    if name not in _LAZY_EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY_EXPORTS[name], __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_LAZY_EXPORTS])
+
+
+__all__ = [*_modeling_all, *_LAZY_EXPORTS, "__version__"]
