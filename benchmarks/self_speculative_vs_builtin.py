@@ -25,6 +25,7 @@ from transformers import AutoTokenizer
 
 from hf_layerskip import LayerSkipLlamaForCausalLM
 from hf_layerskip.generation import load_humaneval, plain_llama_view
+from hf_layerskip.modeling.self_speculative import acceptance_rate
 
 METHODS = ("plain", "ours", "builtin")
 
@@ -148,7 +149,7 @@ def main(argv=None):
                 "exit_layer": exit_layer,
                 "num_speculations": num_speculations,
                 "tokens_per_s": speed,
-                "acceptance": sum(r["ours"]["accepted"] for r in chosen) / drafted if drafted else 0.0,
+                "acceptance": acceptance_rate(sum(r["ours"]["accepted"] for r in chosen), drafted),
                 "ours/plain": speed["ours"] / speed["plain"],
                 "ours/builtin": speed["ours"] / speed["builtin"],
                 "builtin/plain": speed["builtin"] / speed["plain"],

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..generation.metrics import machine_description
+from ..modeling.self_speculative import acceptance_rate
 from .measure_options import DTYPES, check_exit_layers, load_model, write_json
 
 # The last 40 of HumanEval's 164 problems, held out from choosing the default model's exit layer and draft length
@@ -140,7 +141,7 @@ class DemoResult:
 
     @property
     def acceptance_rate(self) -> float:
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+        return acceptance_rate(self.accepted_tokens, self.drafted_tokens)
 
     @property
     def num_drafted_kept(self) -> int:
@@ -323,7 +324,7 @@ def summary_table(results: list[DemoResult]) -> str:
             f"{sum(len(r.plain_tokens) for r in results) / sum(r.plain_seconds for r in results):.1f}",
             f"{sum(len(r.speculative_tokens) for r in results) / sum(r.speculative_seconds for r in results):.1f}",
             f"{statistics.median(r.speedup for r in results):.2f}x median",
-            f"{accepted / drafted if drafted else 0.0:.2f}",
+            f"{acceptance_rate(accepted, drafted):.2f}",
             f"{sum(r.identical for r in results)}/{len(results)}",
         )
     )
@@ -389,7 +390,9 @@ def run(args: argparse.Namespace) -> int:
         settings.update(num_speculations=speculations, machine=machine_description(model.device))
         summary = {
             "median_speedup": statistics.median(r.speedup for r in results),
-            "acceptance_rate": sum(r.accepted_tokens for r in results) / max(sum(r.drafted_tokens for r in results), 1),
+            "acceptance_rate": acceptance_rate(
+                sum(r.accepted_tokens for r in results), sum(r.drafted_tokens for r in results)
+            ),
             "identical": sum(r.identical for r in results),
             "prompts": len(results),
         }

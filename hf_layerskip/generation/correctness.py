@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm.auto import tqdm
 
+from ..modeling.self_speculative import acceptance_rate
 from .metrics import first_mismatch
 from .strategies import Strategy, StrategyRunner
 
@@ -73,7 +74,7 @@ def check_correctness(
                 exit_layer,
                 speculations,
                 len(record.new_tokens),
-                record.accepted_tokens / record.drafted_tokens if record.drafted_tokens else 0.0,
+                acceptance_rate(record.accepted_tokens, record.drafted_tokens),
             )
             position = first_mismatch(plain, record.new_tokens)
             if position is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..modeling.self_speculative import acceptance_rate
 from .strategies import GenerationRecord, Strategy
 
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -189,7 +190,7 @@ def summarize(
         tokens_per_s_median=statistics.median(per_prompt_rates),
         ms_per_token=ms_per_token,
         speedup=plain_ms_per_token / ms_per_token if plain_ms_per_token else None,
-        acceptance_rate=accepted / drafted if drafted else (0.0 if strategy.speculative else None),
+        acceptance_rate=acceptance_rate(accepted, drafted) if strategy.speculative else None,
         tokens_per_round=new_tokens / rounds if rounds else None,
         mean_accepted_per_round=accepted / rounds if rounds else None,
         peak_memory_mib=max(measured_peaks) / 2**20 if measured_peaks else None,

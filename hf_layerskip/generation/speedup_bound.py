@@ -19,7 +19,10 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
+
+from ..modeling.self_speculative import SelfSpeculativeDecoder, full_model_scores
 
 
 def expected_tokens_per_round(acceptance: float, num_speculations: int) -> float:
@@ -56,69 +59,70 @@ class StepCosts:
     verify: float
 
 
-def _median_seconds(step, repeats: int, device: torch.device) -> float:
-    step()  # warm-up
+def _median_seconds(step, repeats: int, device: torch.device, setup=None) -> float:
+    """Median seconds of `step()`; `setup()`, untimed, runs before each call."""
     timings = []
-    for _ in range(repeats):
+    for repeat in range(repeats + 1):  # the first call warms up
+        if setup is not None:
+            setup()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        timings.append(time.perf_counter() - start)
+        if repeat:
+            timings.append(time.perf_counter() - start)
     return statistics.median(timings)
-
-
-def crop_cache(cache: DynamicCache, length: int) -> None:
-    """Crops every cache layer to its first `length` positions (layers may hold different lengths)."""
-    for layer in cache.layers:
-        excess = layer.get_seq_length() - length
-        if excess > 0:
-            layer.crop(-excess)
 
 
 @torch.inference_mode()
 def measure_step_costs(
     model, input_ids: torch.LongTensor, exit_layer: int, num_speculations: int, repeats: int = 20
 ) -> StepCosts:
-    """Times the three steps after the prompt `input_ids` `(1, prompt_length)` is in the cache.
+    """Times the three steps after the prompt `input_ids` `(1, prompt_length)`, on the decoder's own code path.
 
-    - full: one token through all layers, final norm and LM head (a plain greedy step);
-    - draft: one token through layers 0..E−1 and the shared exit (norm and LM head);
-    - verify: one token through layers 0..E−1, then d + 1 positions through layers E..L−1 and the exit.
+    - full: the last prompt token through all layers, final norm and LM head (a plain greedy step);
+    - draft: one `SelfSpeculativeDecoder.draft_step` (layers 0..E−1 and the draft's exit);
+    - verify: `SelfSpeculativeDecoder.verify` of d drafted tokens (layers 0..E−1 on the last one, layers E..L−1 on
+      d + 1 positions) and the full model's scores of those positions; the d drafts are made, untimed, before each.
 
-    The cache is cropped back to the prompt after each step, so every step sees the same context length.
+    The cache is cropped back after each step, so every step sees the same context length.
     """
-    num_layers = model.config.num_hidden_layers
     prompt_length = input_ids.shape[1]
+    config = GenerationConfig(
+        assistant_early_exit=exit_layer,
+        num_assistant_tokens=num_speculations,
+        do_sample=False,
+        max_length=prompt_length + num_speculations + 1,  # room for exactly d drafts
+    )
     cache = DynamicCache(config=model.config)
-    model(input_ids=input_ids, cache=cache, use_cache=True)
-    token = input_ids[:, -1:]  # (1, 1)
-    draft_hidden = model.model.embed_tokens(token).expand(1, num_speculations, -1)  # (1, d, hidden_size)
+    decoder = SelfSpeculativeDecoder(model, config, None, input_ids, cache, None)
+    decoder.prefill(prompt_length)  # every layer holds the prompt but its last token
+    last_token = input_ids[:, -1:]  # (1, 1)
+    candidates = []
 
     def full():
-        model(input_ids=token, cache=cache, use_cache=True)
-        crop_cache(cache, prompt_length)
+        model(input_ids=last_token, cache=cache, use_cache=True)
+        decoder.keep(prompt_length)
 
     def draft():
-        model(input_ids=token, cache=cache, use_cache=True, exit_layer=exit_layer)
-        crop_cache(cache, prompt_length)
+        decoder.draft_step(prompt_length)
+        decoder.keep(prompt_length)
+
+    def draft_round():
+        candidates[:] = [decoder.draft(prompt_length)[0]]
 
     def verify():
-        hidden = model.model.embed_tokens(token)  # (1, 1, hidden_size)
-        positions = torch.arange(prompt_length, prompt_length + num_speculations + 1, device=token.device)[None]
-        hidden = model.model.run_layers(hidden, 0, exit_layer, positions[:, -1:], None, cache)
-        hidden = torch.cat([draft_hidden, hidden], dim=1)  # (1, d + 1, hidden_size)
-        hidden = model.model.run_layers(hidden, exit_layer, num_layers, positions, None, cache)
-        model.exit_logits(hidden).float()
-        crop_cache(cache, prompt_length)
+        final_hidden = decoder.verify(candidates[0])
+        full_model_scores(model, final_hidden, candidates[0], prompt_length, None)
+        decoder.keep(prompt_length)
 
     device = input_ids.device
     return StepCosts(
         full=_median_seconds(full, repeats, device),
         draft=_median_seconds(draft, repeats, device),
-        verify=_median_seconds(verify, repeats, device),
+        verify=_median_seconds(verify, repeats, device, setup=draft_round),
     )
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..modeling.self_speculative import acceptance_rate
 from .metrics import first_mismatch
 from .strategies import Strategy, StrategyRunner
 
@@ -214,7 +215,7 @@ def run_sweep(
             ms_per_token=ms_per_token,
             plain_ms_per_token=plain_ms_per_token,
             speedup=plain_ms_per_token / ms_per_token,
-            acceptance_rate=sum(r.accepted_tokens for r in records) / drafted if drafted else 0.0,
+            acceptance_rate=acceptance_rate(sum(r.accepted_tokens for r in records), drafted),
             tokens_per_round=new_tokens / max(sum(r.rounds for r in records), 1),
             mismatches=sum(first_mismatch(p, r.new_tokens) is not None for p, r in zip(baseline.tokens, records)),
         )

@@ -22,11 +22,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_layerskip_llama import LayerSkipLlamaConfig
 from .layer_dropout import layer_dropout_rates, sample_keep_masks
-from .self_speculative import (
-    SelfSpeculativeCandidateGenerator,
-    self_speculative_decoding,
-    validate_self_speculative_request,
-)
+from .self_speculative import self_speculative_decoding, validate_self_speculative_request
 
 
 @dataclass
@@ -72,9 +68,11 @@ class LayerSkipLlamaModel(LlamaModel):
         cache: Cache | None = None,
         keep_masks: torch.BoolTensor | None = None,
         layer_outputs: list | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> torch.Tensor:
-        """Runs decoder layers `start..end-1` on `hidden_states`.
+        """Runs decoder layers `start..end-1` on `hidden_states`: the one loop over layers, for `forward` and for
+        self-speculative decoding's prefill, draft and verification.
 
         Args:
             hidden_states: `(batch_size, query_length, hidden_size)`, the input of layer `start`.
@@ -83,19 +81,23 @@ class LayerSkipLlamaModel(LlamaModel):
             cache: its layers `start..end-1` must all hold the same length; they are extended by `query_length`.
             keep_masks: `(num_hidden_layers, batch_size)` bool; a layer runs only on the rows it keeps.
             layer_outputs: when a list, each layer's output is appended to it.
+            position_embeddings: the rotary `(cos, sin)`, each `(1, query_length, head_dim)`, when already built.
 
         Returns:
             `(batch_size, query_length, hidden_size)`, the output of layer `end - 1`, before the final norm.
         """
-        causal_mask = create_causal_mask(
-            config=self.config,
-            inputs_embeds=hidden_states,
-            attention_mask=attention_mask,
-            cache=cache,
-            position_ids=position_ids,
-            layer_idx=start if cache is not None else None,
-        )
-        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        causal_mask = None  # one unpadded query attends to all it sees: no mask needed
+        if attention_mask is not None or hidden_states.shape[1] > 1:
+            causal_mask = create_causal_mask(
+                config=self.config,
+                inputs_embeds=hidden_states,
+                attention_mask=attention_mask,
+                cache=cache,
+                position_ids=position_ids,
+                layer_idx=start if cache is not None else None,
+            )
+        if position_embeddings is None:
+            position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
         for layer_idx, decoder_layer in enumerate(self.layers[start:end], start):
             layer_kwargs = dict(position_ids=position_ids, cache=cache, **kwargs)
             if keep_masks is None or keep_masks[layer_idx].all():
@@ -320,14 +322,6 @@ class LayerSkipLlamaForCausalLM(LlamaForCausalLM):
         super()._validate_generation_mode(generation_mode, generation_config, generation_mode_kwargs)
         if generation_config.assistant_early_exit is not None:
             validate_self_speculative_request(self, generation_mode, generation_config, generation_mode_kwargs)
-
-    # Override: `assistant_early_exit` drafts with our shared-cache generator.
-    def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs):
-        if generation_config.assistant_early_exit is None:
-            return super()._get_candidate_generator(
-                generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs, **kwargs
-            )
-        return SelfSpeculativeCandidateGenerator(self, generation_config, logits_processor)
 
     # Override: verification runs only the layers the draft has not run, over one shared cache.
     def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, **kwargs):

@@ -19,13 +19,17 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GenerateDecoderOnlyOutput
-from transformers.masking_utils import create_causal_mask
 
 # Rotary types whose frequencies depend on how long the sequence is so far: their tables cannot be built up front.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def acceptance_rate(accepted_tokens: int, drafted_tokens: int) -> float:
+    """Fraction of drafted tokens the full model accepted; 0 when nothing was drafted. The one definition, for the
+    decoder's counts and every summary of them."""
+    return accepted_tokens / drafted_tokens if drafted_tokens else 0.0
 
 
 @dataclass
@@ -42,7 +46,7 @@ class SpeculationStats:
     @property
     def acceptance_rate(self) -> float:
         """Fraction of drafted tokens the full model accepted."""
-        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+        return acceptance_rate(self.accepted_tokens, self.drafted_tokens)
 
 
 @dataclass
@@ -102,74 +106,12 @@ def validate_self_speculative_request(model, generation_mode, generation_config,
         )
 
 
-class DecodingState:
-    """One sequence's tokens, shared KV cache, positions and padding mask, laid out up to `max_length` once.
-
-    `tokens` `(1, max_length)` holds the accepted tokens, then the current draft; slices of it serve as `input_ids`,
-    so nothing is concatenated per token. Positions, rotary tables and the padding mask are built once for every
-    position the call can reach.
-    """
-
-    def __init__(self, model, input_ids: torch.LongTensor, cache: DynamicCache, attention_mask, max_length: int):
-        self.model = model
-        self.layers = list(model.model.layers)
-        self.cache = cache
-        prompt_length = input_ids.shape[1]
-        self.tokens = input_ids.new_zeros((1, max_length))  # `generate` has checked that the prompt is shorter
-        self.tokens[:, :prompt_length] = input_ids
-        if attention_mask is None:
-            self.padding_mask = None  # nothing is padded: causal masking alone
-            self.position_ids = torch.arange(self.tokens.shape[1], device=input_ids.device)[None]
-        else:
-            generated = attention_mask.new_ones((1, self.tokens.shape[1] - prompt_length))
-            self.padding_mask = torch.cat([attention_mask, generated], dim=1)  # (1, max_length)
-            # As `generate` numbers them: 0, 1, ... over the real tokens, 0 at padding.
-            self.position_ids = (self.padding_mask.long().cumsum(-1) - 1).masked_fill(self.padding_mask == 0, 0)
-        rotary = model.model.rotary_emb
-        self.rotary_tables = None  # cos and sin, each (1, max_length, head_dim)
-        if not any(kind in str(rotary.rope_type) for kind in _LENGTH_DEPENDENT_ROPE):
-            self.rotary_tables = rotary(model.model.embed_tokens.weight, self.position_ids)
-
-    def run(self, hidden_states: torch.Tensor, first_layer: int, end_layer: int) -> torch.Tensor:
-        """Runs layers `first_layer..end_layer-1` on the positions right after those their cache holds.
-
-        `hidden_states` `(1, query_length, hidden_size)` is the input of `first_layer`; returns the output of
-        `end_layer - 1`, same shape.
-        """
-        start = self.cache.get_seq_length(first_layer)
-        end = start + hidden_states.shape[1]
-        position_ids = self.position_ids[:, start:end]  # (1, query_length)
-        if self.rotary_tables is None:
-            position_embeddings = self.model.model.rotary_emb(hidden_states, position_ids)
-        else:
-            position_embeddings = tuple(table[:, start:end] for table in self.rotary_tables)
-        # One query attends to the whole cache: no mask unless something is padded.
-        mask = None
-        if self.padding_mask is not None or hidden_states.shape[1] > 1:
-            mask = create_causal_mask(
-                config=self.model.config,
-                inputs_embeds=hidden_states,
-                attention_mask=None if self.padding_mask is None else self.padding_mask[:, :end],
-                cache=self.cache,
-                position_ids=position_ids,
-                layer_idx=first_layer,
-            )
-        for decoder_layer in self.layers[first_layer:end_layer]:
-            hidden_states = decoder_layer(
-                hidden_states,
-                attention_mask=mask,
-                position_ids=position_ids,
-                cache=self.cache,
-                position_embeddings=position_embeddings,
-            )
-        return hidden_states
-
-    def crop(self, length: int) -> None:
-        """Crops every cache layer to its first `length` positions."""
-        for layer in self.cache.layers:
-            excess = layer.get_seq_length() - length
-            if excess > 0:
-                layer.crop(-excess)
+def crop_cache(cache: DynamicCache, length: int) -> None:
+    """Crops every cache layer to its first `length` positions (layers may hold different lengths)."""
+    for layer in cache.layers:
+        excess = layer.get_seq_length() - length
+        if excess > 0:
+            layer.crop(-excess)
 
 
 def _select(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
@@ -179,41 +121,102 @@ def _select(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
     return scores.argmax(dim=-1)
 
 
-class SelfSpeculativeCandidateGenerator(CandidateGenerator):
-    """Drafts tokens with the model's first `assistant_early_exit` layers, sharing the model's KV cache.
+class SelfSpeculativeDecoder:
+    """One sequence's self-speculative decoding: the tokens, the shared KV cache, the draft and the exit-query cache.
 
-    After `get_candidates`, `exit_query_cache` `(1, num_drafted, hidden_size)` holds the exit layer's outputs for
-    the positions the deeper layers have not processed yet.
+    `tokens` `(1, max_length)` holds the accepted tokens, then the current draft; slices of it serve as `input_ids`,
+    so nothing is concatenated per token. Positions, rotary tables and the padding mask are built once for every
+    position the call can reach. `exit_query_cache` `(1, num_drafted, hidden_size)` holds the exit layer's outputs for
+    the drafted positions, which layers `E..L-1` have not processed yet; `verify` consumes it.
     """
 
-    def __init__(self, model, generation_config, logits_processor):
+    def __init__(self, model, generation_config, logits_processor, input_ids, cache: DynamicCache, attention_mask):
         self.model = model
         self.exit_layer = generation_config.assistant_early_exit
         self.num_speculations = generation_config.num_assistant_tokens
         self.confidence_threshold = generation_config.assistant_confidence_threshold or 0.0
-        eos = generation_config._eos_token_tensor
+        eos = getattr(generation_config, "_eos_token_tensor", None)  # set by `generate`
         self.eos_token_ids = set() if eos is None else set(eos.flatten().tolist())
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
-        self.state: DecodingState | None = None
+        self.cache = cache
         self.exit_query_cache: torch.Tensor | None = None
 
-    def get_candidates(self, input_ids: torch.LongTensor, **kwargs) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        """Drafts after `input_ids` `(1, sequence_length)`, a prefix of `state.tokens` whose last token no layer has
-        processed yet.
+        prompt_length, max_length = input_ids.shape[1], generation_config.max_length
+        self.tokens = input_ids.new_zeros((1, max_length))  # `generate` has checked that the prompt is shorter
+        self.tokens[:, :prompt_length] = input_ids
+        if attention_mask is None:
+            self.padding_mask = None  # nothing is padded: causal masking alone
+            self.position_ids = torch.arange(max_length, device=input_ids.device)[None]
+        else:
+            generated = attention_mask.new_ones((1, max_length - prompt_length))
+            self.padding_mask = torch.cat([attention_mask, generated], dim=1)  # (1, max_length)
+            # As `generate` numbers them: 0, 1, ... over the real tokens, 0 at padding.
+            self.position_ids = (self.padding_mask.long().cumsum(-1) - 1).masked_fill(self.padding_mask == 0, 0)
+        rotary = model.model.rotary_emb
+        self.rotary_tables = None  # cos and sin, each (1, max_length, head_dim)
+        if not any(kind in str(rotary.rope_type) for kind in _LENGTH_DEPENDENT_ROPE):
+            self.rotary_tables = rotary(model.model.embed_tokens.weight, self.position_ids)
 
-        Returns the extended ids `(1, sequence_length + num_drafted)` (a view of `state.tokens`) and the processed
-        draft scores `(1, num_drafted, vocab_size)`, or `None` when nothing was drafted.
+    def run_layers(self, hidden_states: torch.Tensor, first_layer: int, end_layer: int) -> torch.Tensor:
+        """[`LayerSkipLlamaModel.run_layers`] on the positions right after those the cache of `first_layer` holds.
+
+        `hidden_states` `(1, query_length, hidden_size)` is the input of `first_layer`; returns the output of
+        `end_layer - 1`, same shape.
         """
-        tokens, cur_len = self.state.tokens, input_ids.shape[1]
+        start = self.cache.get_seq_length(first_layer)
+        end = start + hidden_states.shape[1]
+        position_embeddings = None
+        if self.rotary_tables is not None:
+            position_embeddings = tuple(table[:, start:end] for table in self.rotary_tables)
+        return self.model.model.run_layers(
+            hidden_states,
+            first_layer,
+            end_layer,
+            self.position_ids[:, start:end],
+            None if self.padding_mask is None else self.padding_mask[:, :end],
+            self.cache,
+            position_embeddings=position_embeddings,
+        )
+
+    def prefill(self, prompt_length: int) -> None:
+        """Every layer processes the prompt but its last token, which the first draft step takes.
+
+        The cache may already hold a prefix of the prompt (an earlier turn's returned cache): only the rest is run.
+        """
+        num_layers = len(self.model.model.layers)
+        cached = {self.cache.get_seq_length(layer) for layer in range(num_layers)}
+        if len(cached) > 1:
+            raise ValueError(f"Every cache layer must hold the same number of tokens, got {sorted(cached)}.")
+        # A cache holding the whole prompt gives back its last token, which the first draft step processes.
+        crop_cache(self.cache, prompt_length - 1)
+        start = self.cache.get_seq_length()
+        if start < prompt_length - 1:
+            self.run_layers(self.model.model.embed_tokens(self.tokens[:, start : prompt_length - 1]), 0, num_layers)
+
+    def draft_step(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token `position - 1` through layers `0..E-1` and the draft's exit.
+
+        Returns the exit layer's output `(1, 1, hidden_size)` and the raw float scores `(1, vocab_size)` of the token
+        at `position`.
+        """
+        hidden = self.model.model.embed_tokens(self.tokens[:, position - 1 : position])  # (1, 1, hidden_size)
+        hidden = self.run_layers(hidden, 0, self.exit_layer)
+        return hidden, self.model.exit_logits(hidden[:, -1]).float()
+
+    def draft(self, cur_len: int) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """Drafts after `tokens[:, :cur_len]`, whose last token no layer has processed yet.
+
+        Returns the candidate ids `(1, cur_len + num_drafted)` (a view of `tokens`) and the processed draft scores
+        `(1, num_drafted, vocab_size)`, or `None` when nothing was drafted.
+        """
+        tokens = self.tokens
         # The full model's token after the draft also has to fit in `max_length`.
         budget = min(self.num_speculations, tokens.shape[1] - cur_len - 1)
         exit_states, draft_scores = [], []
         for position in range(cur_len, cur_len + max(budget, 0)):
-            hidden = self.model.model.embed_tokens(tokens[:, position - 1 : position])  # (1, 1, hidden_size)
-            hidden = self.state.run(hidden, 0, self.exit_layer)
+            hidden, scores = self.draft_step(position)
             exit_states.append(hidden)
-            scores = self.model.exit_logits(hidden[:, -1]).float()  # (1, vocab_size)
             if self.logits_processor:
                 scores = self.logits_processor(tokens[:, :position], scores)
             token = _select(scores, self.do_sample)
@@ -230,19 +233,21 @@ class SelfSpeculativeCandidateGenerator(CandidateGenerator):
         candidate_ids = tokens[:, : cur_len + len(exit_states)]
         return candidate_ids, torch.stack(draft_scores, dim=1) if draft_scores else None
 
+    def verify(self, candidate_ids: torch.LongTensor) -> torch.Tensor:
+        """The last layer's outputs `(1, num_drafted + 1, hidden_size)`, before the final norm, at the positions of the
+        last accepted token and the drafted ones.
 
-def verify(generator: SelfSpeculativeCandidateGenerator, candidate_ids: torch.LongTensor) -> torch.Tensor:
-    """The last layer's outputs `(1, num_drafted + 1, hidden_size)`, before the final norm, at the positions of the
-    last accepted token and the drafted ones.
+        Layers `0..E-1` run only on the last candidate token; layers `E..L-1` run on the exit-query cache plus it.
+        """
+        hidden = self.model.model.embed_tokens(candidate_ids[:, -1:])  # (1, 1, hidden_size)
+        hidden = self.run_layers(hidden, 0, self.exit_layer)
+        hidden = torch.cat([self.exit_query_cache, hidden], dim=1)  # (1, num_drafted + 1, hidden_size)
+        self.exit_query_cache = None
+        return self.run_layers(hidden, self.exit_layer, len(self.model.model.layers))
 
-    Layers `0..E-1` run only on the last candidate token; layers `E..L-1` run on the exit-query cache plus it.
-    """
-    model, state, exit_layer = generator.model, generator.state, generator.exit_layer
-    hidden = model.model.embed_tokens(candidate_ids[:, -1:])  # (1, 1, hidden_size)
-    hidden = state.run(hidden, 0, exit_layer)
-    hidden = torch.cat([generator.exit_query_cache, hidden], dim=1)  # (1, num_drafted + 1, hidden_size)
-    generator.exit_query_cache = None
-    return state.run(hidden, exit_layer, model.config.num_hidden_layers)
+    def keep(self, length: int) -> None:
+        """Keeps `tokens[:, :length]`: every cache layer holds all of them but the last, which the next draft takes."""
+        crop_cache(self.cache, length - 1)
 
 
 def full_model_scores(model, final_hidden, candidate_ids, cur_len, logits_processor):
@@ -356,40 +361,26 @@ def self_speculative_decoding(
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("Self-speculative decoding needs `input_ids`; `inputs_embeds` is not supported.")
     cache = model_kwargs.get("cache")
-    if type(cache) is not DynamicCache or cache.get_seq_length() > 0:
+    if type(cache) is not DynamicCache:
         raise ValueError(
-            "Self-speculative decoding needs a fresh `DynamicCache` (use_cache=True and the default cache), got "
-            f"{type(cache).__name__}{' holding tokens' if isinstance(cache, DynamicCache) else ''}."
+            "Self-speculative decoding needs a `DynamicCache` (use_cache=True and the default cache), got "
+            f"{type(cache).__name__}."
         )
     do_sample = bool(generation_config.do_sample)
     output_scores = generation_config.return_dict_in_generate and generation_config.output_scores
     output_logits = generation_config.return_dict_in_generate and generation_config.output_logits
     scores, raw_logits = ([] if output_scores else None), ([] if output_logits else None)
-
-    generator = model._get_candidate_generator(
-        generation_config=generation_config,
-        input_ids=input_ids,
-        inputs_tensor=inputs_tensor,
-        logits_processor=logits_processor,
-        model_kwargs=model_kwargs,
-    )
-    state = DecodingState(model, input_ids, cache, model_kwargs.get("attention_mask"), generation_config.max_length)
-    generator.state = state
     stats = SpeculationStats()
-    num_layers = model.config.num_hidden_layers
-    tokens, cur_len = state.tokens, input_ids.shape[1]
 
-    # Prefill: every layer processes the prompt but its last token, which the first draft step takes.
-    if cur_len > 1:
-        state.run(model.model.embed_tokens(tokens[:, : cur_len - 1]), 0, num_layers)
-
+    decoder = SelfSpeculativeDecoder(
+        model, generation_config, logits_processor, input_ids, cache, model_kwargs.get("attention_mask")
+    )
+    tokens, cur_len = decoder.tokens, input_ids.shape[1]
+    decoder.prefill(cur_len)
     finished = False
     while not finished:
-        # Draft.
-        candidate_ids, draft_scores = generator.get_candidates(tokens[:, :cur_len])
-        # Verify.
-        final_hidden = verify(generator, candidate_ids)  # (1, num_drafted + 1, hidden_size)
-        # Accept.
+        candidate_ids, draft_scores = decoder.draft(cur_len)
+        final_hidden = decoder.verify(candidate_ids)  # (1, num_drafted + 1, hidden_size)
         num_accepted, new_tokens, raw, processed = accept(
             model, final_hidden, candidate_ids, cur_len, draft_scores, logits_processor, do_sample
         )
@@ -398,21 +389,22 @@ def self_speculative_decoding(
         stats.accepted_tokens += num_accepted
         tokens[0, cur_len : cur_len + len(new_tokens)] = new_tokens
 
-        # Stop exactly where plain decoding would: after the first token any stopping criterion fires on.
+        # Stop exactly where plain decoding would: after the first token any stopping criterion fires on. As in plain
+        # decoding, a criterion sees the tokens so far and the processed scores of every new token (`None` unless
+        # `output_scores`).
         for num_kept in range(1, len(new_tokens) + 1):
-            if stopping_criteria(tokens[:, : cur_len + num_kept], None).any():
+            if scores is not None:
+                scores.append(processed[num_kept - 1 : num_kept])
+            if stopping_criteria(tokens[:, : cur_len + num_kept], None if scores is None else tuple(scores)).any():
                 finished = True
                 break
         if streamer is not None:
             streamer.put(tokens[:, cur_len : cur_len + num_kept].cpu())
-        if scores is not None:
-            scores.extend(processed[i : i + 1] for i in range(num_kept))
         if raw_logits is not None:
             raw_logits.extend(raw[i : i + 1] for i in range(num_kept))
         stats.from_draft.extend(position < num_accepted for position in range(num_kept))
         cur_len += num_kept
-        # Every layer keeps all tokens but the last, which the next round's first draft step processes.
-        state.crop(cur_len - 1)
+        decoder.keep(cur_len)
 
     if streamer is not None:
         streamer.end()

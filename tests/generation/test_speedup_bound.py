@@ -57,3 +57,24 @@ def test_measured_step_costs_are_positive_and_leave_the_model_usable(model):
     costs = measure_step_costs(model, input_ids, exit_layer=2, num_speculations=3, repeats=3)
     assert costs.full > 0 and costs.draft > 0 and costs.verify > 0
     assert torch.equal(model.generate(input_ids, do_sample=False, max_new_tokens=5), reference)
+
+
+def test_step_costs_time_the_decoders_own_draft_and_verify(model, monkeypatch):
+    from hf_layerskip.modeling.self_speculative import SelfSpeculativeDecoder
+
+    calls = {"draft_step": [], "verify": []}
+    for name in calls:
+        original = getattr(SelfSpeculativeDecoder, name)
+
+        def counted(self, *args, _original=original, _name=name):
+            result = _original(self, *args)
+            calls[_name].append(result)
+            return result
+
+        monkeypatch.setattr(SelfSpeculativeDecoder, name, counted)
+    repeats, num_speculations = 3, 2
+    measure_step_costs(model, torch.arange(3, 23)[None], exit_layer=2, num_speculations=num_speculations, repeats=repeats)
+    # One warm-up call each; every verification after a real round of d drafts.
+    assert len(calls["verify"]) == repeats + 1
+    assert len(calls["draft_step"]) == (repeats + 1) * (1 + num_speculations)
+    assert all(hidden.shape == (1, num_speculations + 1, 64) for hidden in calls["verify"])

@@ -195,6 +195,40 @@ def test_custom_stopping_criteria(agreeing):
     assert len(new_tokens(plain, input_ids)) < 40
 
 
+def test_stopping_criteria_see_the_scores_plain_decoding_gives_them(agreeing):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    input_ids = prompt(10, seed=22)
+    settings = dict(max_new_tokens=40, repetition_penalty=1.3, return_dict_in_generate=True, output_scores=True)
+    confidence = torch.cat(plain_greedy(agreeing, input_ids, **settings).scores).softmax(dim=-1).max(dim=-1).values
+    bar = float(confidence[:12].max()) - 1e-6  # first passed within 12 tokens
+
+    class StopOnConfidence(StoppingCriteria):
+        """Stops once the chosen token's probability passes the bar: reads the scores, as a user's criterion may."""
+
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, input_ids, scores, **kwargs):
+            # transformers passes every new token's processed scores so far (with `output_scores`).
+            self.seen.append(scores)
+            return scores[-1].softmax(dim=-1).max(dim=-1).values > bar
+
+    runs = {}
+    for name, extra in (("plain", {}), ("ours", dict(assistant_early_exit=2, num_assistant_tokens=4))):
+        criterion = StopOnConfidence()
+        sequences = agreeing.generate(
+            input_ids, do_sample=False, stopping_criteria=StoppingCriteriaList([criterion]), **settings, **extra
+        )
+        runs[name] = (sequences.sequences, criterion.seen)
+    (plain, plain_seen), (ours, ours_seen) = runs["plain"], runs["ours"]
+    assert torch.equal(ours, plain) and 1 < plain.shape[1] - input_ids.shape[1] < 40, "the bar should stop mid-way"
+    assert len(ours_seen) == len(plain_seen) == plain.shape[1] - input_ids.shape[1]
+    for step, (ours_scores, plain_scores) in enumerate(zip(ours_seen, plain_seen), 1):
+        assert len(ours_scores) == len(plain_scores) == step
+        torch.testing.assert_close(torch.cat(ours_scores), torch.cat(plain_scores), atol=1e-4, rtol=1e-4)
+
+
 def test_text_streamer_prints_what_plain_decoding_prints(agreeing, capsys):
     tokenizer = two_letter_tokenizer()
     input_ids = prompt(10, seed=11)
@@ -401,6 +435,45 @@ def test_rejected_drafts_are_cropped_from_every_layer(model):
         assert ours.cache.get_seq_length(i) == plain.cache.get_seq_length(i) == ours.sequences.shape[1] - 1
         keys, plain_keys = ours.cache.layers[i].keys, plain.cache.layers[i].keys
         torch.testing.assert_close(keys, plain_keys, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("first_turn", ["plain", "self_speculative"])
+def test_multi_turn_continues_from_the_returned_cache(agreeing, first_turn):
+    speculative = dict(assistant_early_exit=2, num_assistant_tokens=4)
+    turn_one = prompt(8, seed=23)
+    first = agreeing.generate(
+        turn_one,
+        do_sample=False,
+        max_new_tokens=12,
+        return_dict_in_generate=True,
+        **(speculative if first_turn == "self_speculative" else {}),
+    )
+    user_turn = prompt(5, seed=24)
+    conversation = torch.cat([first.sequences, user_turn], dim=1)
+    held = first.cache.get_seq_length()
+    assert held == first.sequences.shape[1] - 1
+    ours = agreeing.generate(
+        conversation, do_sample=False, max_new_tokens=16, cache=first.cache, return_dict_in_generate=True, **speculative
+    )
+    # Plain greedy over the whole conversation, from no cache at all.
+    plain = plain_greedy(agreeing, conversation, max_new_tokens=16)
+    compare_with_plain(plain, ours.sequences, conversation.shape[1])
+    assert ours.drafted_tokens > 0
+    # Only the tokens the cache did not hold were prefilled: each layer processed each position once.
+    assert ours.cache.get_seq_length() == ours.sequences.shape[1] - 1
+    # The first turn's output equals plain greedy's too.
+    compare_with_plain(plain_greedy(agreeing, turn_one, max_new_tokens=12), first.sequences, turn_one.shape[1])
+
+
+def test_a_cache_with_uneven_layers_is_rejected(model):
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    input_ids = prompt(6)
+    model(input_ids, cache=cache, use_cache=True)
+    cache.layers[-1].crop(-2)
+    with pytest.raises(ValueError, match=r"same number of tokens.*\[4, 6\]"):
+        model.generate(input_ids, max_new_tokens=3, cache=cache, assistant_early_exit=2)
 
 
 # The acceptance rules on their own.
