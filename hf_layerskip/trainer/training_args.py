@@ -15,6 +15,8 @@ from ..modeling.configuration_layerskip_llama import (
     EARLY_EXIT_CURRICULA,
     EARLY_EXIT_LAYER_WEIGHTINGS,
     LAYER_DROPOUT_SCALES,
+    _check_choice,
+    _check_range,
 )
 from .curriculum import EarlyExitCurriculum, build_curriculum
 from .layer_dropout_schedule import LAYER_DROPOUT_TIME_CURRICULA, LayerDropoutSchedule
@@ -122,16 +124,6 @@ def resolve_layerskip_recipe(args: TrainingArguments, config) -> LayerSkipRecipe
         loss_chunk_size=getattr(args, "early_exit_loss_chunk_size", 2048),
         distillation_weight=getattr(args, "distillation_weight", 0.0),
     )
-
-
-def _check_range(name, value, low, high):
-    if not low <= value <= high:
-        raise ValueError(f"`{name}` must be in [{low}, {high}], got {value!r}.")
-
-
-def _check_choice(name, value, choices):
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
 
 def _check_layers(name, layers: Sequence[int] | None, num_layers):
