@@ -1,16 +1,20 @@
 """`hf-layerskip benchmark`: plain, early-exit, self-speculative and transformers' built-in decoding, side by side."""
 
 import argparse
+from dataclasses import dataclass, field
 
 from .measure_options import (
-    add_generation_arguments,
-    add_model_arguments,
-    add_prompt_arguments,
+    GenerationArguments,
+    ModelArguments,
+    ProgressArguments,
+    PromptArguments,
+    SpeculationArguments,
     check_exit_layers,
     load_encoded_prompts,
     load_model,
     write_json,
 )
+from .parsing import add_dataclass_command, dataclasses_from
 
 STRATEGY_HELP = {
     "plain": "greedy decoding with all layers (the baseline)",
@@ -28,9 +32,46 @@ BOUND_HELP = (
 )
 
 
+@dataclass
+class BenchmarkArguments:
+    _argument_group_name = "benchmark"
+
+    strategies: str = field(
+        default=",".join(STRATEGY_HELP),
+        metadata={
+            "help": f"Comma-separated strategies to run, from {', '.join(STRATEGY_HELP)}; plain always runs (default: "
+            "all)."
+        },
+    )
+    warmup: int = field(
+        default=1, metadata={"help": "Unmeasured runs of every strategy on the first N prompts.", "metavar": "N"}
+    )
+    cost_repeats: int = field(
+        default=20,
+        metadata={"help": "Timed repeats of each step for the analytic bound; the median counts.", "metavar": "N"},
+    )
+    output: str = field(default="benchmark.json", metadata={"help": "JSON file for all figures.", "metavar": "PATH"})
+    markdown: str | None = field(
+        default=None,
+        metadata={"help": "Also write the printed tables to this file (unset: only print them).", "metavar": "PATH"},
+    )
+
+
+ARGUMENT_TYPES = [
+    ModelArguments,
+    ProgressArguments,
+    PromptArguments,
+    GenerationArguments,
+    SpeculationArguments,
+    BenchmarkArguments,
+]
+
+
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_dataclass_command(
+        subparsers,
         "benchmark",
+        ARGUMENT_TYPES,
         help="time decoding strategies against plain greedy decoding",
         description=(
             "Greedy-decode the same prompts with each strategy and compare speed, acceptance, memory, ROUGE-L and "
@@ -46,50 +87,7 @@ def add_parser(subparsers) -> None:
             "writes a JSON file."
         ),
     )
-    add_model_arguments(parser)
-    add_prompt_arguments(parser, default_count=10)
-    add_generation_arguments(parser, default_new_tokens=64)
-    parser.add_argument(
-        "--strategies",
-        default=",".join(STRATEGY_HELP),
-        help=f"comma-separated strategies to run, from {', '.join(STRATEGY_HELP)}; plain always runs (default: all)",
-    )
-    parser.add_argument(
-        "--exit-layer",
-        type=int,
-        metavar="E",
-        help="exit layer E for early exit and drafting (default: the checkpoint's exit_layer)",
-    )
-    parser.add_argument(
-        "--num-speculations",
-        type=int,
-        metavar="D",
-        help="draft tokens per round d (default: the checkpoint's num_speculations)",
-    )
-    parser.add_argument(
-        "--warmup",
-        type=int,
-        default=1,
-        metavar="N",
-        help="unmeasured runs of every strategy on the first N prompts (default 1)",
-    )
-    parser.add_argument(
-        "--cost-repeats",
-        type=int,
-        default=20,
-        metavar="N",
-        help="timed repeats of each step for the analytic bound; the median counts (default 20)",
-    )
-    parser.add_argument(
-        "--output", default="benchmark.json", metavar="PATH", help="JSON file for all figures (default benchmark.json)"
-    )
-    parser.add_argument(
-        "--markdown",
-        default=None,
-        metavar="PATH",
-        help="also write the printed tables to this file (default: only print them)",
-    )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, num_prompts=10, max_new_tokens=64)
 
 
 def parse_strategies(text: str) -> list[str]:
@@ -107,13 +105,16 @@ def run(args: argparse.Namespace) -> int:
     from ..generation.metrics import markdown_table
     from ..generation.strategies import standard_strategies
 
-    kinds = parse_strategies(args.strategies)
-    model, tokenizer = load_model(args.model, args.dtype, args.device, "benchmark")
-    exit_layer = args.exit_layer if args.exit_layer is not None else model.config.exit_layer
-    speculations = args.num_speculations if args.num_speculations is not None else model.config.num_speculations
+    model_options, progress, prompt_options, generation, speculation, options = dataclasses_from(args, ARGUMENT_TYPES)
+    kinds = parse_strategies(options.strategies)
+    model, tokenizer = load_model(model_options.model, model_options.dtype, model_options.device, "benchmark")
+    exit_layer = speculation.exit_layer if speculation.exit_layer is not None else model.config.exit_layer
+    speculations = (
+        speculation.num_speculations if speculation.num_speculations is not None else model.config.num_speculations
+    )
     if kinds != ["plain"]:
         check_exit_layers([exit_layer], model, "benchmark")
-    prompts, encoded = load_encoded_prompts(args, tokenizer, model.device)
+    prompts, encoded = load_encoded_prompts(prompt_options, tokenizer, model.device)
 
     result = run_benchmark(
         model,
@@ -121,19 +122,19 @@ def run(args: argparse.Namespace) -> int:
         prompts,
         encoded,
         standard_strategies(kinds, exit_layer, speculations),
-        args.max_new_tokens,
-        warmup=args.warmup,
-        cost_repeats=args.cost_repeats,
-        progress=not args.no_progress,
+        generation.max_new_tokens,
+        warmup=options.warmup,
+        cost_repeats=options.cost_repeats,
+        progress=not progress.no_progress,
     )
-    result.settings.update(prompt_source=args.prompts, chat_template=args.chat_template)
+    result.settings.update(prompt_source=prompt_options.prompts, chat_template=prompt_options.chat_template)
     machine = result.machine
     hardware = machine.get("gpu") or machine.get("cpu_model") or machine["processor"]
     lines = [
         f"Machine: {hardware} ({machine['cpu_count']} CPUs, torch {machine['torch']}, "
         f"{machine['torch_threads']} threads), "
         f"device {machine['device']}, dtype {result.settings['dtype']}",
-        f"{len(prompts)} {args.prompts} prompts, {args.max_new_tokens} new tokens max, greedy; "
+        f"{len(prompts)} {prompt_options.prompts} prompts, {generation.max_new_tokens} new tokens max, greedy; "
         f"peak memory: {result.settings['memory_method']}",
         "",
         markdown_table(result.summaries),
@@ -147,9 +148,9 @@ def run(args: argparse.Namespace) -> int:
         lines.append(bounds_table(result.bounds))
     text = "\n".join(lines)
     print(text)
-    if args.markdown:
-        with open(args.markdown, "w") as file:
+    if options.markdown:
+        with open(options.markdown, "w") as file:
             file.write(text + "\n")
-    write_json(args.output, result.to_dict())
-    print(f"\nwrote {args.output}")
+    write_json(options.output, result.to_dict())
+    print(f"\nwrote {options.output}")
     return 0

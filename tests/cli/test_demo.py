@@ -16,14 +16,13 @@ from hf_layerskip.cli.demo import (
     DRAFTED_COLOR,
     RESET,
     VERIFIED_COLOR,
-    DemoResult,
     choose_prompts,
     describe_result,
-    run_demo,
     token_pieces,
     use_color,
 )
 from hf_layerskip.conversion import convert
+from hf_layerskip.generation.demo import DemoResult, run_demo
 
 PROMPTS = ["w3 w9 w27 w81", "w5 w7 w11"]
 MAX_NEW_TOKENS = 16

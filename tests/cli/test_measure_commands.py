@@ -156,7 +156,7 @@ def test_sweep_resumes_where_it_stopped(files, tmp_path, monkeypatch, capsys):
         assert float(row["speedup"]) == pytest.approx(plain_ms / float(row["ms_per_token"]))
     best = max(rows, key=lambda r: float(r["speedup"]))
     printed = capsys.readouterr().out
-    assert f"best exact pair: E={best['exit_layer']}, d={best['num_speculations']}" in printed
+    assert f"best exact cell: self_speculative(E={best['exit_layer']},d={best['num_speculations']})" in printed
     assert "2 were already done" in printed
     assert_png(out / "speedup_heatmap.png")
 

@@ -6,10 +6,8 @@ import re
 
 import pytest
 
-from hf_layerskip.cli import build_parser
+from hf_layerskip.cli import SUBCOMMANDS, build_parser
 from hf_layerskip.cli.parsing import CommandParser, add_dataclass_command, dataclasses_from, load_config_file
-
-CONVERTED_COMMANDS = ("convert", "generate", "train", "train-default", "correctness")
 
 
 @dataclasses.dataclass
@@ -84,7 +82,7 @@ def subparser(name):
     return subparsers.choices[name]
 
 
-@pytest.mark.parametrize("command", CONVERTED_COMMANDS)
+@pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_option_of_a_dataclass_command_takes_both_spellings(command):
     parser = subparser(command)
     dataclass_options = [
@@ -105,3 +103,52 @@ def test_output_dir_in_either_spelling_reaches_the_training_arguments(tmp_path):
         args = build_parser().parse_args(["train", option, str(tmp_path / option)])
         assert dataclasses_from(args, ARGUMENT_TYPES)[2].output_dir == str(tmp_path / option)
     assert re.search(r"--output_dir OUTPUT_DIR, --output-dir OUTPUT_DIR", subparser("train").format_help())
+
+
+def test_sweep_takes_output_dir_in_either_spelling_and_lists_in_the_documented_syntax(tmp_path):
+    from hf_layerskip.cli.sweep import ARGUMENT_TYPES
+
+    for option in ("--output_dir", "--output-dir"):
+        argv = ["sweep", option, str(tmp_path), "--exit-layers", "4-12:4", "--num_speculations", "3,1,2,1"]
+        args = build_parser().parse_args([*argv, "--confidence-thresholds", "0.7,0"])
+        options = dataclasses_from(args, ARGUMENT_TYPES)[-1]
+        assert options.output_dir == str(tmp_path)
+        assert (options.exit_layers, options.num_speculations) == ((4, 8, 12), (1, 2, 3))
+        assert (options.confidence_thresholds, options.draft_vocab_sizes) == ((0.0, 0.7), (0,))
+    help_text = " ".join(subparser("sweep").format_help().split())
+    assert "Draft lengths d, e.g. 1,2,4 or 1-6. (default: 1,2,3,4,6)" in help_text
+
+
+def test_a_shared_option_takes_the_command_default_in_parsing_and_help():
+    from hf_layerskip.cli.sweep import ARGUMENT_TYPES
+
+    _, _, prompts, generation, _ = dataclasses_from(build_parser().parse_args(["sweep"]), ARGUMENT_TYPES)
+    assert (prompts.num_prompts, generation.max_new_tokens) == (5, 32)
+    help_text = " ".join(subparser("sweep").format_help().split())
+    assert "decoding also stops at EOS. (default: 32)" in help_text
+    assert "Use the first N prompts. (default: 5)" in help_text
+
+
+@dataclasses.dataclass
+class Checked:
+    rate: float = dataclasses.field(default=0.5, metadata={"help": "rate"})
+
+    def __post_init__(self):
+        if self.rate > 1:
+            raise ValueError("rate must be at most 1")
+
+
+@pytest.mark.parametrize("check_on_parse", [True, False])
+def test_a_post_init_error_is_a_usage_error_where_the_command_asks(capsys, check_on_parse):
+    parser = argparse.ArgumentParser(prog="tool")
+    subparsers = parser.add_subparsers(parser_class=CommandParser)
+    add_dataclass_command(subparsers, "run", [Checked], check_on_parse=check_on_parse)
+    assert dataclasses_from(parser.parse_args(["run", "--rate", "1"]), [Checked]) == (Checked(1.0),)
+    if check_on_parse:
+        with pytest.raises(SystemExit):
+            parser.parse_args(["run", "--rate", "2"])
+        assert "tool run: error: rate must be at most 1" in capsys.readouterr().err
+    else:
+        args = parser.parse_args(["run", "--rate", "2"])
+        with pytest.raises(ValueError, match="at most 1"):
+            dataclasses_from(args, [Checked])
