@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .configuration_layerskip_llama import LAYER_DROPOUT_SCALES, _check_choice, _check_range
+
 
 def layer_dropout_rates(
     num_layers: int, max_rate: float, scale: str = "exponential", layers: Sequence[int] | None = None
@@ -16,16 +18,14 @@ def layer_dropout_rates(
     `scale` is `"exponential"` (p_l = max_rate·(2^(l/(L−1)) − 1)), `"linear"` (p_l = max_rate·l/(L−1)) or
     `"uniform"` (p_l = max_rate). Layers outside `layers` (all when `None`) get rate 0.
     """
-    if not 0.0 <= max_rate <= 1.0:
-        raise ValueError(f"`max_rate` must be in [0, 1], got {max_rate!r}.")
+    _check_range("max_rate", max_rate, 0, 1)
+    _check_choice("scale", scale, LAYER_DROPOUT_SCALES)
     last = max(num_layers - 1, 1)
     shapes = {
         "exponential": lambda layer: 2.0 ** (layer / last) - 1.0,
         "linear": lambda layer: layer / last,
         "uniform": lambda layer: 1.0,
     }
-    if scale not in shapes:
-        raise ValueError(f"`scale` must be one of {', '.join(map(repr, shapes))}, got {scale!r}.")
     droppable = set(range(num_layers)) if layers is None else set(layers)
     return [max_rate * shapes[scale](layer) if layer in droppable else 0.0 for layer in range(num_layers)]
 

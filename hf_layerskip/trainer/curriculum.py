@@ -7,6 +7,8 @@ The last layer is always on.
 import math
 from dataclasses import dataclass
 
+from ..modeling.configuration_layerskip_llama import EARLY_EXIT_CURRICULA, _check_choice, _check_range
+
 
 @dataclass(frozen=True)
 class NoCurriculum:
@@ -24,8 +26,7 @@ class RotationalCurriculum:
     period: int
 
     def __post_init__(self):
-        if self.period < 1:
-            raise ValueError(f"`period` must be >= 1, got {self.period!r}.")
+        _check_range("period", self.period, 1, math.inf)
 
     def active_layers(self, step: int, num_layers: int, max_steps: int) -> list[int]:
         offset = step % self.period
@@ -40,8 +41,7 @@ class GradualCurriculum:
     fraction: float
 
     def __post_init__(self):
-        if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"`fraction` must be in (0, 1], got {self.fraction!r}.")
+        _check_range("fraction", self.fraction, 0, 1, low_inclusive=False)
 
     def switch_on_step(self, layer: int, num_layers: int, max_steps: int) -> int:
         """The first step at which the exit after `layer` is trained."""
@@ -65,8 +65,7 @@ class FixedCurriculum:
 
     def active_layers(self, step: int, num_layers: int, max_steps: int) -> list[int]:
         for layer in self.layers:
-            if not 0 <= layer < num_layers:
-                raise ValueError(f"Exit layers of the fixed curriculum must be in [0, {num_layers - 1}], got {layer!r}.")
+            _check_range("layers", layer, 0, num_layers - 1)
         return sorted({*self.layers, num_layers - 1})
 
 
@@ -78,14 +77,11 @@ def build_curriculum(
 ) -> EarlyExitCurriculum:
     """The curriculum called `name`: `"none"`, `"rotational"` (uses `period`), `"gradual"` (uses
     `gradual_fraction`) or `"fixed"` (uses `layers`)."""
+    _check_choice("early_exit_curriculum", name, EARLY_EXIT_CURRICULA)
     if name == "none":
         return NoCurriculum()
     if name == "rotational":
         return RotationalCurriculum(period)
     if name == "gradual":
         return GradualCurriculum(gradual_fraction)
-    if name == "fixed":
-        return FixedCurriculum(tuple(layers or ()))
-    raise ValueError(
-        f"The early-exit curriculum must be one of 'none', 'rotational', 'gradual', 'fixed', got {name!r}."
-    )
+    return FixedCurriculum(tuple(layers or ()))

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from ..modeling.configuration_layerskip_llama import _check_choice, _check_range
+
 # Unnormalised weight of an exit at depth d (1-based).
 LAYER_WEIGHT_SHAPES = {
     "uniform": lambda depth: 1.0,
@@ -29,15 +31,12 @@ def early_exit_layer_weights(
     An early exit `l < num_layers − 1` weighs `loss_scale·shape(l + 1)`, the last exit `shape(num_layers)`; the
     weights are divided by their sum, so they sum to 1 over `layers`.
     """
-    if weighting not in LAYER_WEIGHT_SHAPES:
-        raise ValueError(f"`weighting` must be one of {', '.join(map(repr, LAYER_WEIGHT_SHAPES))}, got {weighting!r}.")
-    if loss_scale < 0:
-        raise ValueError(f"`loss_scale` must be >= 0, got {loss_scale!r}.")
+    _check_choice("weighting", weighting, LAYER_WEIGHT_SHAPES)
+    _check_range("loss_scale", loss_scale, 0, math.inf)
     if not layers:
         raise ValueError("`layers` must name at least one exit.")
     for layer in layers:
-        if not 0 <= layer < num_layers:
-            raise ValueError(f"Exit layers must be in [0, {num_layers - 1}], got {layer!r}.")
+        _check_range("layers", layer, 0, num_layers - 1)
     shape = LAYER_WEIGHT_SHAPES[weighting]
     last = num_layers - 1
     raw = torch.tensor(
