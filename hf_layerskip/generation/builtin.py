@@ -18,7 +18,9 @@ def plain_llama_view(model: LayerSkipLlamaForCausalLM) -> LlamaForCausalLM:
     """
     settings = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
     llama = LlamaForCausalLM(LlamaConfig(**settings)).to(device=model.device, dtype=model.dtype)
-    llama.load_state_dict(model.state_dict(), assign=True)
+    # The draft head (exit adapters, draft vocabulary) is ours alone: the built-in path drafts through the plain exit.
+    weights = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("draft_head.")}
+    llama.load_state_dict(weights, assign=True)
     llama.tie_weights()
     llama.generation_config = copy.deepcopy(model.generation_config)
     llama.generation_config.update(num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)

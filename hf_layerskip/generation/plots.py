@@ -58,12 +58,24 @@ def _finite_range(values: list[list[float]]) -> tuple[float, float]:
 def plot_layer_quality(
     curves: dict[str, list[LayerQuality]], path: str | Path, title: str = "Early-exit quality per layer"
 ) -> Path:
-    """Top-1 agreement with the last layer and perplexity (log scale) against the exit layer, one line per label."""
+    """Top-1 agreement with the last layer and perplexity (log scale) against the exit layer, one line per label;
+    a dashed line where the draft head (exit adapters, draft vocabulary) changes the agreement."""
     figure = Figure(figsize=(11, 4))
     agreement_axes, perplexity_axes = figure.subplots(1, 2)
     for label, rows in curves.items():
         layers = [r.layer for r in rows]
-        agreement_axes.plot(layers, [r.top1_agreement for r in rows], marker="o", markersize=3, label=label)
+        line = agreement_axes.plot(layers, [r.top1_agreement for r in rows], marker="o", markersize=3, label=label)
+        drafted = [r for r in rows if r.draft is not None]
+        if any(r.draft.top1_agreement != r.top1_agreement for r in drafted):
+            agreement_axes.plot(
+                [r.layer for r in drafted],
+                [r.draft.top1_agreement for r in drafted],
+                linestyle="--",
+                color=line[0].get_color(),
+                marker="^",
+                markersize=3,
+                label=f"{label}, draft head",
+            )
         perplexity_axes.plot(layers, [r.perplexity for r in rows], marker="o", markersize=3, label=label)
     agreement_axes.set(xlabel="exit layer", ylabel="top-1 agreement with last layer", ylim=(0, 1.02))
     perplexity_axes.set(xlabel="exit layer", ylabel="perplexity", yscale="log")

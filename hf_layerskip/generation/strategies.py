@@ -13,11 +13,15 @@ LOSSLESS_KINDS = ("plain", "self_speculative", "builtin")
 
 @dataclass(frozen=True)
 class Strategy:
-    """One way to decode: `kind` plus its exit layer `E` and draft length `d` where they apply."""
+    """One way to decode: `kind` plus its exit layer `E` and draft length `d` where they apply. Self-speculative
+    decoding may also stop a draft below a `confidence_threshold` and draft over the first `draft_vocab_size` ids of
+    the model's draft vocabulary (`None`: all of it)."""
 
     kind: str
     exit_layer: int | None = None
     num_speculations: int | None = None
+    confidence_threshold: float = 0.0
+    draft_vocab_size: int | None = None
 
     def __post_init__(self):
         if self.kind not in STRATEGY_KINDS:
@@ -26,6 +30,10 @@ class Strategy:
             raise ValueError(f"Strategy {self.kind!r} needs an exit layer.")
         if self.kind in ("self_speculative", "builtin") and self.num_speculations is None:
             raise ValueError(f"Strategy {self.kind!r} needs a number of speculations.")
+        if self.kind != "self_speculative" and (self.confidence_threshold or self.draft_vocab_size is not None):
+            raise ValueError(
+                f"Only self_speculative strategies take a confidence threshold or draft vocabulary size, got {self.kind!r}."
+            )
 
     @property
     def lossless(self) -> bool:
@@ -42,7 +50,9 @@ class Strategy:
             return "plain"
         if self.kind == "early_exit":
             return f"early_exit(E={self.exit_layer})"
-        return f"{self.kind}(E={self.exit_layer},d={self.num_speculations})"
+        extras = f",t={self.confidence_threshold:g}" if self.confidence_threshold else ""
+        extras += f",K={self.draft_vocab_size}" if self.draft_vocab_size is not None else ""
+        return f"{self.kind}(E={self.exit_layer},d={self.num_speculations}{extras})"
 
 
 def standard_strategies(kinds, exit_layer: int, num_speculations: int) -> list[Strategy]:
@@ -130,7 +140,7 @@ class StrategyRunner:
             kwargs.update(
                 assistant_early_exit=strategy.exit_layer,
                 num_assistant_tokens=strategy.num_speculations,
-                assistant_confidence_threshold=0.0,
+                assistant_confidence_threshold=strategy.confidence_threshold,
                 return_dict_in_generate=True,
             )
         elif strategy.kind == "builtin":
@@ -138,11 +148,12 @@ class StrategyRunner:
             # The built-in path reads the draft length from the view's own generation config only.
             model.generation_config.num_assistant_tokens = strategy.num_speculations
             kwargs["assistant_early_exit"] = strategy.exit_layer
-        self._synchronize()
-        start = time.perf_counter()
-        output = model.generate(input_ids, **kwargs)
-        self._synchronize()
-        seconds = time.perf_counter() - start
+        with self.model.draft_head.vocab_prefix(strategy.draft_vocab_size):
+            self._synchronize()
+            start = time.perf_counter()
+            output = model.generate(input_ids, **kwargs)
+            self._synchronize()
+            seconds = time.perf_counter() - start
 
         sequences = output.sequences if strategy.kind == "self_speculative" else output
         record = GenerationRecord(sequences[0, input_ids.shape[1] :].cpu(), seconds)

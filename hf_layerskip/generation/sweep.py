@@ -1,10 +1,11 @@
-"""A resumable grid of self-speculative settings (E × d), each timed against plain greedy decoding.
+"""A resumable grid of self-speculative settings (E × d × confidence threshold × draft vocabulary size), each timed
+against plain greedy decoding.
 
 Everything lives in one output folder, so a killed sweep continues where it stopped:
 
 - `settings.json`: what the sweep measures (model, prompts, lengths); a rerun must ask for the same;
 - `plain.csv`: one row per prompt with plain decoding's time and tokens (the cached baseline);
-- `sweep.csv`: one row per finished (E, d) cell, appended as soon as the cell is done.
+- `sweep.csv`: one row per finished cell, appended as soon as the cell is done.
 
 Every cell's speedup is over the cached baseline, unless the sweep is `paired`: then each cell times plain decoding
 again, prompt by prompt between its own runs, so that machine drift between cells cancels (at twice the cost).
@@ -28,10 +29,13 @@ PLAIN_FIELDS = ("prompt_id", "new_tokens", "seconds", "tokens")
 
 @dataclass
 class SweepCell:
-    """One (E, d) cell over all prompts; `speedup` is `plain_ms_per_token` over this cell's `ms_per_token`."""
+    """One cell over all prompts; `speedup` is `plain_ms_per_token` over this cell's `ms_per_token`.
+    `draft_vocab_size` 0 means the model's whole draft vocabulary (or the full vocabulary when it has none)."""
 
     exit_layer: int
     num_speculations: int
+    confidence_threshold: float
+    draft_vocab_size: int
     prompts: int
     new_tokens: int
     seconds: float
@@ -45,7 +49,17 @@ class SweepCell:
 
     @classmethod
     def from_row(cls, row: dict) -> "SweepCell":
-        return cls(**{f.name: f.type(row[f.name]) for f in fields(cls)})  # every field is an int or a float
+        # Every field is an int or a float; rows of sweeps from before thresholds and draft vocabularies lack them.
+        defaults = {"confidence_threshold": 0.0, "draft_vocab_size": 0}
+        return cls(**{f.name: f.type(row.get(f.name, defaults.get(f.name))) for f in fields(cls)})
+
+    @property
+    def key(self) -> tuple[int, int, float, int]:
+        return (self.exit_layer, self.num_speculations, self.confidence_threshold, self.draft_vocab_size)
+
+    @property
+    def strategy(self) -> Strategy:
+        return cell_strategy(self.key)
 
 
 CELL_FIELDS = tuple(f.name for f in fields(SweepCell))
@@ -141,11 +155,19 @@ def _plain_baseline(runner, prompt_ids, encoded, max_new_tokens, files, progress
     return PlainBaseline(tokens, seconds)
 
 
+CellKey = tuple[int, int, float, int]  # (E, d, confidence threshold, draft vocabulary size; 0: all of it)
+
+
+def cell_strategy(key: CellKey) -> Strategy:
+    exit_layer, speculations, threshold, vocab_size = key
+    return Strategy("self_speculative", exit_layer, speculations, threshold, vocab_size or None)
+
+
 @dataclass
 class SweepResult:
     cells: list[SweepCell]  # every finished cell, earlier runs included, in grid order
-    measured_now: list[tuple[int, int]]  # the (E, d) cells this call measured
-    pending: list[tuple[int, int]]  # cells still to do (when `max_cells` stopped the sweep)
+    measured_now: list[CellKey]  # the cells this call measured
+    pending: list[CellKey]  # cells still to do (when `max_cells` stopped the sweep)
     files: SweepFiles
 
     @property
@@ -155,12 +177,27 @@ class SweepResult:
         return max(exact, key=lambda c: c.speedup) if exact else None
 
 
+def sweep_grid(
+    exit_layers: list[int],
+    num_speculations: list[int],
+    confidence_thresholds: list[float] = (0.0,),
+    draft_vocab_sizes: list[int] = (0,),
+) -> list[CellKey]:
+    """Every (E, d, threshold, K) combination, in that nesting order."""
+    return [
+        (e, d, float(t), k)
+        for e in exit_layers
+        for d in num_speculations
+        for t in confidence_thresholds
+        for k in draft_vocab_sizes
+    ]
+
+
 def run_sweep(
     model,
     prompt_ids: list[str],
     encoded: list[torch.LongTensor],
-    exit_layers: list[int],
-    num_speculations: list[int],
+    grid: list[CellKey],
     max_new_tokens: int,
     output_dir: str | Path,
     settings: dict,
@@ -169,7 +206,8 @@ def run_sweep(
     warmup: bool = True,
     progress: bool = True,
 ) -> SweepResult:
-    """Measures every (E, d) cell not yet in `output_dir/sweep.csv`, appending a row per finished cell.
+    """Measures every cell of `grid` (see `sweep_grid`) not yet in `output_dir/sweep.csv`, appending a row per
+    finished cell.
 
     `encoded[i]` `(1, prompt_length)` is prompt `prompt_ids[i]`. `settings` describes the sweep (model, prompts,
     lengths, ...) and must equal the saved one to resume. `max_cells` stops after that many new cells. `paired`
@@ -178,19 +216,18 @@ def run_sweep(
     files = SweepFiles(Path(output_dir))
     files.directory.mkdir(parents=True, exist_ok=True)
     _check_settings(files, settings)
-    done = {(c.exit_layer, c.num_speculations) for c in read_cells(files.cells)}
-    grid = [(e, d) for e in exit_layers for d in num_speculations]
+    done = {c.key for c in read_cells(files.cells)}
     todo = [cell for cell in grid if cell not in done]
     now = todo[:max_cells] if max_cells is not None else todo
 
     runner = StrategyRunner(model)
     if warmup and now:
         runner.run(Strategy("plain"), encoded[0], max_new_tokens)
-        runner.run(Strategy("self_speculative", *now[0]), encoded[0], max_new_tokens)
+        runner.run(cell_strategy(now[0]), encoded[0], max_new_tokens)
     baseline = _plain_baseline(runner, prompt_ids, encoded, max_new_tokens, files, progress)
 
-    for exit_layer, speculations in tqdm(now, desc="sweep cells", disable=not progress):
-        strategy = Strategy("self_speculative", exit_layer, speculations)
+    for key in tqdm(now, desc="sweep cells", disable=not progress):
+        strategy = cell_strategy(key)
         records, plain_seconds = [], []
         for input_ids in encoded:
             if paired:
@@ -203,11 +240,9 @@ def run_sweep(
         )
         new_tokens = sum(len(r.new_tokens) for r in records)
         seconds = sum(r.seconds for r in records)
-        drafted = sum(r.drafted_tokens for r in records)
         ms_per_token = 1000 * seconds / max(new_tokens, 1)
         cell = SweepCell(
-            exit_layer=exit_layer,
-            num_speculations=speculations,
+            *key,
             prompts=len(records),
             new_tokens=new_tokens,
             seconds=seconds,
@@ -215,13 +250,15 @@ def run_sweep(
             ms_per_token=ms_per_token,
             plain_ms_per_token=plain_ms_per_token,
             speedup=plain_ms_per_token / ms_per_token,
-            acceptance_rate=acceptance_rate(sum(r.accepted_tokens for r in records), drafted),
+            acceptance_rate=acceptance_rate(
+                sum(r.accepted_tokens for r in records), sum(r.drafted_tokens for r in records)
+            ),
             tokens_per_round=new_tokens / max(sum(r.rounds for r in records), 1),
             mismatches=sum(first_mismatch(p, r.new_tokens) is not None for p, r in zip(baseline.tokens, records)),
         )
         _append_row(files.cells, CELL_FIELDS, asdict(cell))
 
-    finished = {(c.exit_layer, c.num_speculations): c for c in read_cells(files.cells)}
+    finished = {c.key: c for c in read_cells(files.cells)}
     return SweepResult(
         cells=[finished[cell] for cell in grid if cell in finished],
         measured_now=now,
@@ -231,6 +268,10 @@ def run_sweep(
 
 
 def speedup_grid(cells: list[SweepCell], exit_layers: list[int], num_speculations: list[int]) -> list[list[float]]:
-    """Speedups `[len(exit_layers)][len(num_speculations)]`, NaN where a cell is not done."""
-    by_pair = {(c.exit_layer, c.num_speculations): c.speedup for c in cells}
-    return [[by_pair.get((e, d), math.nan) for d in num_speculations] for e in exit_layers]
+    """The best speedup over thresholds and draft vocabulary sizes per (E, d),
+    `[len(exit_layers)][len(num_speculations)]`, NaN where no cell is done."""
+    best: dict[tuple[int, int], float] = {}
+    for c in cells:
+        pair = (c.exit_layer, c.num_speculations)
+        best[pair] = max(best.get(pair, -math.inf), c.speedup)
+    return [[best.get((e, d), math.nan) for d in num_speculations] for e in exit_layers]

@@ -59,6 +59,14 @@ class LayerSkipLlamaConfig(LlamaConfig):
             Defaults to a quarter of the depth.
         num_speculations (`int`, *optional*, defaults to 6):
             Default number of draft tokens `d` per self-speculative round.
+        exit_adapter_layers (`list[int]`, *optional*):
+            Exit layers `E` (as `assistant_early_exit` counts them) that have an exit adapter: a small residual map
+            applied to the draft's hidden state before the shared norm and LM head (see `draft_head.py`).
+        exit_adapter_rank (`int`, *optional*):
+            Rank of each exit adapter's map; `None` means a full `hidden_size` square map.
+        draft_vocab_size (`int`, *optional*):
+            `K`: drafts score only the K token ids in the model's draft vocabulary (`draft_head.vocab_ids`);
+            `None` means the full vocabulary. Verification always scores the full vocabulary.
     """
 
     model_type = "layerskip_llama"
@@ -74,6 +82,9 @@ class LayerSkipLlamaConfig(LlamaConfig):
     early_exit_layers: list[int] | None = None
     exit_layer: int | None = None
     num_speculations: int = 6
+    exit_adapter_layers: list[int] | None = None
+    exit_adapter_rank: int | None = None
+    draft_vocab_size: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.exit_layer is None:
@@ -101,9 +112,17 @@ class LayerSkipLlamaConfig(LlamaConfig):
             raise ValueError(f"LayerSkip needs at least 2 layers to exit early, got num_hidden_layers={num_layers}.")
         _check_range("exit_layer", self.exit_layer, 1, num_layers - 1)
         _check_range("num_speculations", self.num_speculations, 1, float("inf"))
+        for layer in self.exit_adapter_layers or ():
+            _check_range("exit_adapter_layers", layer, 1, num_layers - 1)
+        if self.exit_adapter_rank is not None:
+            _check_range("exit_adapter_rank", self.exit_adapter_rank, 1, self.hidden_size)
+        if self.draft_vocab_size is not None:
+            _check_range("draft_vocab_size", self.draft_vocab_size, 1, self.vocab_size)
 
 
 # The fields LayerSkip adds to `LlamaConfig`, in declaration order.
 LAYERSKIP_FIELDS = tuple(LayerSkipLlamaConfig.__annotations__)
+# The fields that describe the draft head's weights: set with them, by `LayerSkipLlamaForCausalLM.set_draft_head`.
+DRAFT_HEAD_FIELDS = ("exit_adapter_layers", "exit_adapter_rank", "draft_vocab_size")
 
-__all__ = ["LayerSkipLlamaConfig", "LAYERSKIP_FIELDS"]
+__all__ = ["LayerSkipLlamaConfig", "LAYERSKIP_FIELDS", "DRAFT_HEAD_FIELDS"]

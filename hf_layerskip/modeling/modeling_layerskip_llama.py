@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM, LlamaModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -21,6 +22,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_layerskip_llama import LayerSkipLlamaConfig
+from .draft_head import DraftExit, DraftHead, ExitAdapter
 from .layer_dropout import layer_dropout_rates, sample_keep_masks
 from .self_speculative import self_speculative_decoding, validate_self_speculative_request
 
@@ -229,6 +231,7 @@ class LayerSkipLlamaForCausalLM(LlamaForCausalLM):
         self.model = LayerSkipLlamaModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.draft_head = DraftHead(config)
         self.post_init()
         self.generation_config.num_assistant_tokens = config.num_speculations
         # Draft a constant number of tokens unless a confidence threshold is asked for.
@@ -240,6 +243,43 @@ class LayerSkipLlamaForCausalLM(LlamaForCausalLM):
             base = f"{type(self.model).__module__.rsplit('.', 1)[-1]}.{type(self.model).__name__}"
             self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), "AutoModel": base}
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # Override: a fresh exit adapter is the identity, and a draft vocabulary missing from a checkpoint is the first
+    # K ids (`draft-vocab` sets the real one).
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, ExitAdapter):
+            if module.down is not None:
+                init.normal_(module.down, std=module.down.shape[1] ** -0.5)
+            init.zeros_(module.up)
+        elif isinstance(module, DraftHead) and module.vocab_ids is not None:
+            init.copy_(module.vocab_ids, torch.arange(len(module.vocab_ids)))
+
+    def set_draft_head(
+        self, exit_adapters: dict[int, ExitAdapter] | None = None, draft_vocab: torch.LongTensor | None = None
+    ) -> None:
+        """Installs exit adapters (keyed by exit layer E, all of one rank) and a draft vocabulary (token ids `(K,)`,
+        most frequent first), and records them in the config so that a saved checkpoint loads back with them."""
+        exit_adapters = exit_adapters or {}
+        ranks = {adapter.down.shape[0] if adapter.down is not None else None for adapter in exit_adapters.values()}
+        if len(ranks) > 1:
+            raise ValueError(f"Exit adapters must share one rank, got ranks {sorted(ranks, key=str)}.")
+        self.config.exit_adapter_layers = sorted(exit_adapters) or None
+        self.config.exit_adapter_rank = ranks.pop() if ranks else None
+        self.config.draft_vocab_size = len(draft_vocab) if draft_vocab is not None else None
+        self.config._validate_layerskip()
+        head = DraftHead(self.config).to(self.lm_head.weight.device)
+        for layer, adapter in exit_adapters.items():
+            head.adapters[str(layer)].load_state_dict(adapter.state_dict())
+        if draft_vocab is not None:
+            head.vocab_ids.copy_(draft_vocab)
+        self.draft_head = head.to(self.lm_head.weight.dtype)
+
+    def draft_exit(self, exit_layer: int) -> DraftExit:
+        """The draft's exit at layer `exit_layer`: its exit adapter if it has one, the shared final norm and LM head
+        over the draft vocabulary if there is one. Call it once per decoding call: it gathers the head's rows."""
+        head = self.draft_head
+        return DraftExit(self.model.norm, self.lm_head.weight, head.adapter(exit_layer), head.vocab_ids)
 
     def exit_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The shared exit: final norm and LM head on any layer's output `(..., hidden_size)` -> `(..., vocab_size)`."""

@@ -6,15 +6,16 @@ from dataclasses import asdict
 import pytest
 import torch
 
-from hf_layerskip.generation.sweep import SweepCell, read_cells, run_sweep, speedup_grid
+from hf_layerskip.generation.sweep import SweepCell, read_cells, run_sweep, speedup_grid, sweep_grid
 
 PROMPTS = [torch.tensor([[5, 17, 42, 9]]), torch.tensor([[100, 3, 8]])]
 SETTINGS = {"model": "tiny", "max_new_tokens": 6}
 
 
 def test_cells_round_trip_and_fill_the_grid(model, tmp_path):
-    result = run_sweep(model, ["a", "b"], PROMPTS, [2, 4], [1, 3], 6, tmp_path, SETTINGS, warmup=False, progress=False)
-    assert [(c.exit_layer, c.num_speculations) for c in result.cells] == [(2, 1), (2, 3), (4, 1), (4, 3)]
+    grid = sweep_grid([2, 4], [1, 3])
+    result = run_sweep(model, ["a", "b"], PROMPTS, grid, 6, tmp_path, SETTINGS, warmup=False, progress=False)
+    assert [c.key for c in result.cells] == [(2, 1, 0.0, 0), (2, 3, 0.0, 0), (4, 1, 0.0, 0), (4, 3, 0.0, 0)]
     assert read_cells(result.files.cells) == result.cells
     plain_rows = result.files.plain.read_text().splitlines()
     assert len(plain_rows) == 3  # header and one row per prompt
@@ -27,16 +28,30 @@ def test_cells_round_trip_and_fill_the_grid(model, tmp_path):
 
 
 def test_other_settings_are_refused(model, tmp_path):
-    run_sweep(model, ["a"], PROMPTS[:1], [2], [1], 6, tmp_path, SETTINGS, warmup=False, progress=False)
+    grid = sweep_grid([2], [1])
+    run_sweep(model, ["a"], PROMPTS[:1], grid, 6, tmp_path, SETTINGS, warmup=False, progress=False)
     with pytest.raises(ValueError, match=r"differing: \['max_new_tokens'\]"):
-        run_sweep(model, ["a"], PROMPTS[:1], [2], [1], 8, tmp_path, {**SETTINGS, "max_new_tokens": 8}, progress=False)
+        run_sweep(model, ["a"], PROMPTS[:1], grid, 8, tmp_path, {**SETTINGS, "max_new_tokens": 8}, progress=False)
 
 
 def test_best_skips_inexact_cells(tmp_path):
     from hf_layerskip.generation.sweep import SweepFiles, SweepResult
 
-    fast_but_wrong = SweepCell(2, 1, 1, 10, 1.0, 10.0, 100.0, 300.0, 3.0, 0.5, 1.5, 1)
-    exact = SweepCell(4, 1, 1, 10, 2.0, 5.0, 200.0, 300.0, 1.5, 0.5, 1.5, 0)
+    fast_but_wrong = SweepCell(2, 1, 0.0, 0, 1, 10, 1.0, 10.0, 100.0, 300.0, 3.0, 0.5, 1.5, 1)
+    exact = SweepCell(4, 1, 0.5, 64, 1, 10, 2.0, 5.0, 200.0, 300.0, 1.5, 0.5, 1.5, 0)
     result = SweepResult([fast_but_wrong, exact], [], [], SweepFiles(tmp_path))
     assert result.best == exact
     assert SweepCell.from_row({k: str(v) for k, v in asdict(exact).items()}) == exact
+
+
+def test_thresholds_and_draft_vocabulary_sizes_are_cells_of_their_own(model, tmp_path):
+    vocab = torch.randperm(model.config.vocab_size, generator=torch.Generator().manual_seed(0))[:64]
+    model.set_draft_head(draft_vocab=vocab)
+    grid = sweep_grid([2], [2], [0.0, 0.5], [0, 16])
+    result = run_sweep(model, ["a", "b"], PROMPTS, grid, 6, tmp_path, SETTINGS, warmup=False, progress=False)
+    assert [c.key for c in result.cells] == grid
+    assert all(c.mismatches == 0 for c in result.cells)
+    assert result.cells[0].strategy.draft_vocab_size is None and result.cells[1].strategy.draft_vocab_size == 16
+    # A sweep from before these columns reads as threshold 0 over the whole draft vocabulary.
+    old_row = {k: str(v) for k, v in asdict(result.cells[0]).items() if k not in ("confidence_threshold", "draft_vocab_size")}
+    assert SweepCell.from_row(old_row) == result.cells[0]

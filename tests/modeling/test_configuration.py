@@ -29,6 +29,10 @@ OUT_OF_RANGE = [
     ("exit_layer", 0, "[1, 5]"),
     ("exit_layer", 6, "[1, 5]"),
     ("num_speculations", 0, "[1, inf]"),
+    ("exit_adapter_layers", [0], "[1, 5]"),
+    ("exit_adapter_layers", [3, 6], "[1, 5]"),
+    ("exit_adapter_rank", 0, "[1, 64]"),
+    ("draft_vocab_size", 129, "[1, 128]"),
 ]
 
 
@@ -98,6 +102,9 @@ def test_save_and_load_round_trip(tmp_path):
         early_exit_gradual_fraction=0.75,
         exit_layer=4,
         num_speculations=2,
+        exit_adapter_layers=[2, 4],
+        exit_adapter_rank=16,
+        draft_vocab_size=100,
     )
     assert set(settings) == set(LAYERSKIP_FIELDS)
     config = tiny_config(**settings)

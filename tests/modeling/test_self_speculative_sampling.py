@@ -101,6 +101,20 @@ def test_first_two_tokens_follow_the_full_model(model):
     assert p_value > 1e-3, p_value
 
 
+def test_a_draft_over_a_draft_vocabulary_and_an_adapter_keeps_sampling_exact(model):
+    """The draft's distribution is then supported on 5 of the 8 ids, and shaped by the adapter: the full model's
+    tokens outside it can only come from the rejection's residual or the last token."""
+    from hf_layerskip.modeling.draft_head import ExitAdapter
+
+    drafting = tiny_model(seed=0, vocab_size=VOCAB_SIZE, num_hidden_layers=2, initializer_range=0.3)
+    adapter = ExitAdapter(drafting.config.hidden_size)
+    with torch.no_grad():
+        adapter.up.normal_(std=0.3, generator=torch.Generator().manual_seed(1))
+    drafting.set_draft_head({1: adapter}, torch.tensor([6, 2, 0, 5, 3]))
+    p_value = chi_square_p_value(sample_first_two(drafting, NUM_SAMPLES), exact_joint(model))
+    assert p_value > 1e-3, p_value
+
+
 def test_plain_sampling_passes_the_same_test(model):
     """The exact distribution and the statistic are right: plain sampling fits them too."""
     torch.manual_seed(0)
