@@ -21,6 +21,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.utils import GenerateDecoderOnlyOutput
+from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
 # Rotary types whose frequencies depend on how long the sequence is so far: their tables cannot be built up front.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -91,9 +92,13 @@ def validate_self_speculative_request(model, generation_mode, generation_config,
         "assistant_ensemble_weight": generation_config.assistant_ensemble_weight is not None,
         # Classifier-free guidance runs the model once per step on its own cache: drafts would corrupt it.
         "guidance_scale": generation_config.guidance_scale not in (None, 1),
+        # The draft and verification passes call the decoder layers directly, outside transformers' output capture.
         "output_attentions": bool(generation_config.output_attentions),
-        "output_hidden_states": bool(generation_config.output_hidden_states),
         "synced_gpus": bool(generation_mode_kwargs.get("synced_gpus")),
+        # Drafts and rejections crop the cache: it must be a `DynamicCache`.
+        "use_cache=False": generation_config.use_cache is False,
+        f"cache_implementation={generation_config.cache_implementation!r}": generation_config.cache_implementation
+        not in (None, "dynamic"),
     }
     for name, is_set in unsupported.items():
         if is_set:
@@ -128,11 +133,15 @@ class SelfSpeculativeDecoder:
     so nothing is concatenated per token. Positions, rotary tables and the padding mask are built once for every
     position the call can reach. `exit_query_cache` `(1, num_drafted, hidden_size)` holds the exit layer's outputs for
     the drafted positions, which layers `E..L-1` have not processed yet; `verify` consumes it.
+
+    With `output_hidden_states`, `layer_outputs` keeps each layer's outputs, in pieces, for the positions from
+    `recorded_from` on; `take_hidden_states` turns the accepted ones into what plain decoding returns.
     """
 
     def __init__(self, model, generation_config, logits_processor, input_ids, cache: DynamicCache, attention_mask):
         self.model = model
         self.exit_layer = generation_config.assistant_early_exit
+        self.draft_exit = model.draft_exit(self.exit_layer)
         self.num_speculations = generation_config.num_assistant_tokens
         self.confidence_threshold = generation_config.assistant_confidence_threshold or 0.0
         eos = getattr(generation_config, "_eos_token_tensor", None)  # set by `generate`
@@ -141,6 +150,12 @@ class SelfSpeculativeDecoder:
         self.logits_processor = logits_processor
         self.cache = cache
         self.exit_query_cache: torch.Tensor | None = None
+        record = generation_config.return_dict_in_generate and generation_config.output_hidden_states
+        self.layer_outputs = [[] for _ in model.model.layers] if record else None
+        self.recorded_from = 0
+        # `output_hidden_states` may select hidden states by index; the others are `None`, as plain decoding gives them.
+        selected = selected_hidden_states(generation_config.output_hidden_states)
+        self.selected_hidden_states = None if selected is None else resolve_hidden_states_indices(model.model, selected)
 
         prompt_length, max_length = input_ids.shape[1], generation_config.max_length
         self.tokens = input_ids.new_zeros((1, max_length))  # `generate` has checked that the prompt is shorter
@@ -162,22 +177,28 @@ class SelfSpeculativeDecoder:
         """[`LayerSkipLlamaModel.run_layers`] on the positions right after those the cache of `first_layer` holds.
 
         `hidden_states` `(1, query_length, hidden_size)` is the input of `first_layer`; returns the output of
-        `end_layer - 1`, same shape.
+        `end_layer - 1`, same shape. Records each layer's output with `output_hidden_states`.
         """
         start = self.cache.get_seq_length(first_layer)
         end = start + hidden_states.shape[1]
         position_embeddings = None
         if self.rotary_tables is not None:
             position_embeddings = tuple(table[:, start:end] for table in self.rotary_tables)
-        return self.model.model.run_layers(
+        outputs = None if self.layer_outputs is None else []
+        hidden_states = self.model.model.run_layers(
             hidden_states,
             first_layer,
             end_layer,
             self.position_ids[:, start:end],
             None if self.padding_mask is None else self.padding_mask[:, :end],
             self.cache,
+            layer_outputs=outputs,
             position_embeddings=position_embeddings,
         )
+        if outputs is not None:
+            for layer, output in enumerate(outputs, first_layer):
+                self.layer_outputs[layer].append(output)
+        return hidden_states
 
     def prefill(self, prompt_length: int) -> None:
         """Every layer processes the prompt but its last token, which the first draft step takes.
@@ -190,7 +211,7 @@ class SelfSpeculativeDecoder:
             raise ValueError(f"Every cache layer must hold the same number of tokens, got {sorted(cached)}.")
         # A cache holding the whole prompt gives back its last token, which the first draft step processes.
         crop_cache(self.cache, prompt_length - 1)
-        start = self.cache.get_seq_length()
+        start = self.recorded_from = self.cache.get_seq_length()
         if start < prompt_length - 1:
             self.run_layers(self.model.model.embed_tokens(self.tokens[:, start : prompt_length - 1]), 0, num_layers)
 
@@ -202,7 +223,7 @@ class SelfSpeculativeDecoder:
         """
         hidden = self.model.model.embed_tokens(self.tokens[:, position - 1 : position])  # (1, 1, hidden_size)
         hidden = self.run_layers(hidden, 0, self.exit_layer)
-        return hidden, self.model.exit_logits(hidden[:, -1]).float()
+        return hidden, self.draft_exit(hidden[:, -1])
 
     def draft(self, cur_len: int) -> tuple[torch.LongTensor, torch.Tensor | None]:
         """Drafts after `tokens[:, :cur_len]`, whose last token no layer has processed yet.
@@ -219,31 +240,58 @@ class SelfSpeculativeDecoder:
             exit_states.append(hidden)
             if self.logits_processor:
                 scores = self.logits_processor(tokens[:, :position], scores)
+            # A token the exit is unsure of is not proposed. Its step is not lost: the exit state of the token before
+            # it stays in the exit-query cache, and verification goes on from there.
+            if self.confidence_threshold > 0 and scores.softmax(dim=-1).max() < self.confidence_threshold:
+                break
             token = _select(scores, self.do_sample)
             tokens[:, position] = token
             draft_scores.append(scores)
             if self.eos_token_ids and int(token) in self.eos_token_ids:
                 break
-            if self.confidence_threshold > 0 and scores.softmax(dim=-1).max() < self.confidence_threshold:
-                break
         if exit_states:
             self.exit_query_cache = torch.cat(exit_states, dim=1)
         else:
             self.exit_query_cache = tokens.new_zeros((1, 0, self.model.config.hidden_size), dtype=self.model.dtype)
-        candidate_ids = tokens[:, : cur_len + len(exit_states)]
+        candidate_ids = tokens[:, : cur_len + len(draft_scores)]
         return candidate_ids, torch.stack(draft_scores, dim=1) if draft_scores else None
 
     def verify(self, candidate_ids: torch.LongTensor) -> torch.Tensor:
         """The last layer's outputs `(1, num_drafted + 1, hidden_size)`, before the final norm, at the positions of the
         last accepted token and the drafted ones.
 
-        Layers `0..E-1` run only on the last candidate token; layers `E..L-1` run on the exit-query cache plus it.
+        Layers `0..E-1` run only on the last candidate token, unless a withheld draft step has already run them;
+        layers `E..L-1` run on the exit-query cache plus it.
         """
-        hidden = self.model.model.embed_tokens(candidate_ids[:, -1:])  # (1, 1, hidden_size)
-        hidden = self.run_layers(hidden, 0, self.exit_layer)
-        hidden = torch.cat([self.exit_query_cache, hidden], dim=1)  # (1, num_drafted + 1, hidden_size)
+        hidden = self.exit_query_cache
+        if self.cache.get_seq_length(0) < candidate_ids.shape[1]:
+            last = self.model.model.embed_tokens(candidate_ids[:, -1:])  # (1, 1, hidden_size)
+            hidden = torch.cat([hidden, self.run_layers(last, 0, self.exit_layer)], dim=1)
         self.exit_query_cache = None
-        return self.run_layers(hidden, self.exit_layer, len(self.model.model.layers))
+        return self.run_layers(hidden, self.exit_layer, len(self.model.model.layers))  # (1, num_drafted + 1, ...)
+
+    def take_hidden_states(self, cur_len: int, num_kept: int) -> list[tuple[torch.Tensor, ...]]:
+        """Plain decoding's `hidden_states` for the `num_kept` new tokens from position `cur_len` on, and forgets every
+        recorded position up to them and beyond (rejected drafts).
+
+        Per token, `num_hidden_layers + 1` tensors `(1, n, hidden_size)` at the position before it: the embeddings,
+        then each layer's output, the last one normed (`None` where `output_hidden_states` does not select it). The
+        call's first token also covers the prompt positions run here (n > 1), as plain decoding's first step does.
+        """
+        start, end = self.recorded_from, cur_len + num_kept - 1
+        layers = [torch.cat(pieces, dim=1)[:, : end - start] for pieces in self.layer_outputs]
+        layers[-1] = self.model.model.norm(layers[-1])
+        states = [self.model.model.embed_tokens(self.tokens[:, start:end]), *layers]
+        if self.selected_hidden_states is not None:
+            states = [state if i in self.selected_hidden_states else None for i, state in enumerate(states)]
+        for pieces in self.layer_outputs:
+            pieces.clear()
+        self.recorded_from = end
+        bounds = [start, *range(cur_len, end + 1)]
+        return [
+            tuple(None if state is None else state[:, a - start : b - start] for state in states)
+            for a, b in zip(bounds, bounds[1:])
+        ]
 
     def keep(self, length: int) -> None:
         """Keeps `tokens[:, :length]`: every cache layer holds all of them but the last, which the next draft takes."""
@@ -360,6 +408,8 @@ def self_speculative_decoding(
         )
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("Self-speculative decoding needs `input_ids`; `inputs_embeds` is not supported.")
+    if model_kwargs.get("exit_layer") is not None:
+        raise ValueError("Pass either `exit_layer`/`early_exit` (lossy) or `assistant_early_exit` (lossless), not both.")
     cache = model_kwargs.get("cache")
     if type(cache) is not DynamicCache:
         raise ValueError(
@@ -376,6 +426,7 @@ def self_speculative_decoding(
         model, generation_config, logits_processor, input_ids, cache, model_kwargs.get("attention_mask")
     )
     tokens, cur_len = decoder.tokens, input_ids.shape[1]
+    hidden_states = [] if decoder.layer_outputs is not None else None
     decoder.prefill(cur_len)
     finished = False
     while not finished:
@@ -402,6 +453,8 @@ def self_speculative_decoding(
             streamer.put(tokens[:, cur_len : cur_len + num_kept].cpu())
         if raw_logits is not None:
             raw_logits.extend(raw[i : i + 1] for i in range(num_kept))
+        if hidden_states is not None:
+            hidden_states.extend(decoder.take_hidden_states(cur_len, num_kept))
         stats.from_draft.extend(position < num_accepted for position in range(num_kept))
         cur_len += num_kept
         decoder.keep(cur_len)
@@ -416,6 +469,7 @@ def self_speculative_decoding(
         sequences=sequences,
         scores=tuple(scores) if scores is not None else None,
         logits=tuple(raw_logits) if raw_logits is not None else None,
+        hidden_states=tuple(hidden_states) if hidden_states is not None else None,
         cache=cache,
         rounds=stats.rounds,
         drafted_tokens=stats.drafted_tokens,

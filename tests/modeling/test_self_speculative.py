@@ -288,6 +288,75 @@ def test_scores_and_logits_match_plain(agreeing):
     assert any(not torch.equal(score, logit) for score, logit in zip(ours.scores, ours.logits))
 
 
+def assert_hidden_states_match(ours, plain, num_new_tokens: int):
+    """Plain greedy's structure (a tuple per new token, each of num_layers + 1 tensors, the first token's covering
+    the prompt) and values within 1e-4."""
+    assert torch.equal(ours.sequences, plain.sequences)
+    assert len(ours.hidden_states) == len(plain.hidden_states) == num_new_tokens
+    for step, (ours_step, plain_step) in enumerate(zip(ours.hidden_states, plain.hidden_states)):
+        assert len(ours_step) == len(plain_step) == NUM_LAYERS + 1
+        for layer, (ours_state, plain_state) in enumerate(zip(ours_step, plain_step)):
+            assert ours_state.shape == plain_state.shape, (step, layer)
+            torch.testing.assert_close(ours_state, plain_state, atol=1e-4, rtol=1e-4, msg=f"step {step}, layer {layer}")
+
+
+@pytest.mark.parametrize("prompt_length", [1, 10])
+@pytest.mark.parametrize("exit_layer, num_speculations", [(1, 1), (2, 4), (4, 3), (5, 6)])
+@pytest.mark.parametrize("confident_only", [False, True])
+def test_hidden_states_match_plain(agreeing, monkeypatch, prompt_length, exit_layer, num_speculations, confident_only):
+    """Layers 0..E-1 come from the draft steps, E..L-1 from verification; with a confidence threshold, from withheld
+    draft steps too."""
+    input_ids = prompt(prompt_length, seed=exit_layer)
+    settings = dict(max_new_tokens=14, do_sample=False, return_dict_in_generate=True, output_hidden_states=True)
+    threshold = 0.0
+    if confident_only:
+        # The exit's median confidence over the output: about half the draft steps are withheld.
+        sequences = plain_greedy(agreeing, input_ids, max_new_tokens=14).sequences
+        with torch.no_grad():
+            logits = agreeing(sequences, exit_layer=exit_layer).logits[0, prompt_length - 1 :]
+        threshold = float(logits.softmax(dim=-1).max(dim=-1).values.median())
+    # Per round: whether a withheld draft step had already run layers 0..E-1 on the last candidate token.
+    withheld = []
+    verify = self_speculative.SelfSpeculativeDecoder.verify
+
+    def spy(decoder, candidate_ids):
+        withheld.append(decoder.cache.get_seq_length(0) == candidate_ids.shape[1])
+        return verify(decoder, candidate_ids)
+
+    monkeypatch.setattr(self_speculative.SelfSpeculativeDecoder, "verify", spy)
+    plain = agreeing.generate(input_ids, **settings)
+    ours = agreeing.generate(
+        input_ids,
+        assistant_early_exit=exit_layer,
+        num_assistant_tokens=num_speculations,
+        assistant_confidence_threshold=threshold,
+        **settings,
+    )
+    assert ours.drafted_tokens > 0
+    assert any(withheld) == confident_only and not all(withheld)
+    assert_hidden_states_match(ours, plain, 14)
+    assert ours.hidden_states[0][0].shape == (1, prompt_length, agreeing.config.hidden_size)
+
+
+def test_hidden_states_continuing_from_a_cache(agreeing):
+    """The first new token's hidden states cover only the prompt positions the cache did not hold, as plain's."""
+    first = agreeing.generate(prompt(8, seed=23), max_new_tokens=6, return_dict_in_generate=True)
+    conversation = torch.cat([first.sequences, prompt(5, seed=24)], dim=1)
+    uncached = conversation.shape[1] - first.cache.get_seq_length()  # the user turn and the last reply token
+    settings = dict(max_new_tokens=10, do_sample=False, return_dict_in_generate=True, output_hidden_states=True)
+    plain = agreeing.generate(conversation, cache=copy.deepcopy(first.cache), **settings)
+    ours = agreeing.generate(conversation, cache=first.cache, assistant_early_exit=2, num_assistant_tokens=4, **settings)
+    assert_hidden_states_match(ours, plain, 10)
+    assert ours.hidden_states[0][0].shape[1] == uncached == 6
+
+
+def test_hidden_states_are_not_kept_without_the_flag(agreeing):
+    ours = agreeing.generate(
+        prompt(6), max_new_tokens=5, assistant_early_exit=2, return_dict_in_generate=True, output_scores=True
+    )
+    assert ours.hidden_states is None
+
+
 def test_generation_config_object_equals_kwargs(agreeing):
     input_ids = prompt(10, seed=14)
     config = GenerationConfig(max_new_tokens=20, do_sample=False, assistant_early_exit=3, num_assistant_tokens=2)
@@ -329,10 +398,31 @@ def test_confidence_threshold_stops_drafting_and_stays_lossless(agreeing):
         )
         stats = agreeing.speculation_stats
         drafted[threshold] = stats.drafted_tokens / stats.rounds
-    # No probability reaches 1: with threshold 1.0 each round drafts one token and stops (none in a last round
-    # that only has room for the full model's token).
-    assert 0.9 < drafted[1.0] <= 1.0
+    # No probability reaches 1: with threshold 1.0 no token is ever proposed, and each round is a plain step.
+    assert drafted[1.0] == 0
     assert drafted[1.0] < drafted[float(confidence.median())] < drafted[0.0]
+
+
+def test_a_withheld_draft_costs_no_layer_pass(agreeing):
+    """An unconfident draft step is not wasted: verification goes on from its exit state. With threshold 1.0 no
+    draft is ever proposed, and each layer processes each position exactly once, as in plain greedy decoding."""
+    input_ids = prompt(9, seed=21)
+    settings = dict(max_new_tokens=15, do_sample=False, return_dict_in_generate=True)
+    outputs = {}
+    layers = agreeing.model.layers
+    plain_counts = positions_per_layer(layers, lambda: outputs.__setitem__("plain", agreeing.generate(input_ids, **settings)))
+    ours_counts = positions_per_layer(
+        layers,
+        lambda: outputs.__setitem__(
+            "ours",
+            agreeing.generate(
+                input_ids, assistant_early_exit=2, num_assistant_tokens=4, assistant_confidence_threshold=1.0, **settings
+            ),
+        ),
+    )
+    assert torch.equal(outputs["ours"].sequences, outputs["plain"].sequences)
+    assert outputs["ours"].drafted_tokens == 0
+    assert ours_counts == plain_counts
 
 
 def test_statistics(agreeing):
@@ -532,11 +622,13 @@ def test_bad_confidence_threshold(model):
         (dict(num_beams=2), "num_beams=2"),
         (dict(num_beams=2, do_sample=True), "num_beams=2"),
         (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
-        (dict(output_hidden_states=True, return_dict_in_generate=True), "output_hidden_states"),
         (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens"),
         (dict(num_assistant_tokens_schedule="heuristic"), "num_assistant_tokens_schedule='heuristic'"),
-        (dict(cache_implementation="static"), "DynamicCache.*StaticCache"),
-        (dict(use_cache=False), "DynamicCache.*NoneType"),
+        (dict(cache_implementation="static"), "cache_implementation='static'"),
+        (dict(use_cache=False), "use_cache=False"),
+        (dict(num_return_sequences=2, do_sample=True), "num_return_sequences"),
+        (dict(exit_layer=3), "exit_layer"),
+        (dict(early_exit=3), "early_exit"),
         (dict(guidance_scale=1.5), "guidance_scale"),
         (dict(assistant_ensemble_weight=0.5), "assistant_ensemble_weight"),
     ],
@@ -544,6 +636,14 @@ def test_bad_confidence_threshold(model):
 def test_unsupported_settings_raise(model, settings, message):
     with pytest.raises(ValueError, match=message):
         model.generate(prompt(5), max_new_tokens=3, assistant_early_exit=2, **settings)
+
+
+def test_a_static_cache_object_raises(model):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=16)
+    with pytest.raises(ValueError, match="DynamicCache.*StaticCache"):
+        model.generate(prompt(5), max_new_tokens=3, assistant_early_exit=2, cache=cache)
 
 
 def test_batch_larger_than_one_raises(model):
