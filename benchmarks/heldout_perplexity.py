@@ -2,9 +2,10 @@
 solutions of held-out HumanEval problems, each solution conditioned on its problem (fp32).
 
     python benchmarks/heldout_perplexity.py --models BASE_DIR TRAINED_DIR --problems 124-163 \
-        --output docs/default_model/perplexity.json
+        --output docs/lora_adapter/perplexity.json
 
-With no --models: the converted base SmolLM2 and the default model (base + shipped adapter).
+With no --models: the converted base SmolLM2 and the default model (base + shipped draft head, whose weights are the
+base's: the ratio is 1 by construction; pass a LoRA-merged checkpoint of `hf-layerskip train-lora` to measure one).
 """
 
 import argparse

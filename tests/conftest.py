@@ -53,7 +53,7 @@ def smollm2_checkpoint():
 
 @pytest.fixture(scope="session")
 def smollm2_default_checkpoint():
-    """The default model: the SmolLM2 checkpoint with the shipped LayerSkip adapter merged in (built once)."""
+    """The default model: the SmolLM2 checkpoint with the shipped draft head (built once)."""
     from hf_layerskip.defaults import default_checkpoint
 
     return default_checkpoint()

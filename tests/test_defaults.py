@@ -1,4 +1,5 @@
-"""The default checkpoint: the converted base with the shipped LoRA adapter merged in, built once per adapter."""
+"""The default checkpoint: the converted base with the shipped draft head, built once per draft-head version; and a
+LoRA adapter merged as peft merges it."""
 
 import json
 
@@ -8,7 +9,15 @@ from test_conversion import VOCAB_SIZE, save_tiny_adapter, save_tiny_llama
 
 from hf_layerskip import LayerSkipLlamaForCausalLM
 from hf_layerskip.conversion import convert
-from hf_layerskip.defaults import BASE_CHECKPOINT_NAME, SETTINGS_FILE_NAME, build_from_adapter, default_checkpoint
+from hf_layerskip.defaults import (
+    BASE_CHECKPOINT_NAME,
+    SETTINGS_FILE_NAME,
+    build_from_adapter,
+    build_from_draft_head,
+    default_checkpoint,
+    export_draft_head,
+)
+from hf_layerskip.modeling.draft_head import ExitAdapter
 
 
 @pytest.fixture
@@ -49,23 +58,52 @@ def test_bad_settings_file_names_the_field(base, tmp_path):
         build_from_adapter(base, tmp_path / "adapter", tmp_path / "out")
 
 
-def test_default_checkpoint_is_built_once_per_adapter_version(base, tmp_path, monkeypatch):
+def draft_head_files(base, directory, seed: int, decoding=None):
+    """A random draft head on `base`, exported to `directory`; returns the model it was exported from."""
+    model = LayerSkipLlamaForCausalLM.from_pretrained(base).eval()
+    generator = torch.Generator().manual_seed(seed)
+    adapter = ExitAdapter(model.config.hidden_size, rank=4)
+    with torch.no_grad():
+        adapter.up.normal_(std=0.3, generator=generator)
+    model.set_draft_head({2: adapter}, torch.randperm(VOCAB_SIZE, generator=generator)[:20])
+    export_draft_head(model, directory, decoding)
+    return model
+
+
+def test_built_checkpoint_has_the_draft_head_and_its_decoding_settings(base, tmp_path):
+    decoding = {"exit_layer": 2, "num_speculations": 3, "assistant_confidence_threshold": 0.4}
+    exported = draft_head_files(base, tmp_path / "head", seed=0, decoding=decoding)
+    built = LayerSkipLlamaForCausalLM.from_pretrained(build_from_draft_head(base, tmp_path / "head", tmp_path / "out"))
+    assert (built.config.exit_layer, built.config.num_speculations) == (2, 3)
+    assert built.generation_config.num_assistant_tokens == 3
+    assert built.generation_config.assistant_confidence_threshold == 0.4
+    for name, tensor in exported.draft_head.state_dict().items():
+        assert torch.equal(built.draft_head.state_dict()[name], tensor), name
+    # The model's own weights are the base's: only drafting changes.
+    plain = LayerSkipLlamaForCausalLM.from_pretrained(base)
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(built.state_dict()[name], tensor), name
+    with pytest.raises(ValueError, match=r"Unknown decoding settings \['num_beams'\]"):
+        export_draft_head(exported, tmp_path / "bad", {"num_beams": 2})
+
+
+def test_default_checkpoint_is_built_once_per_draft_head_version(base, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.mkdir()
     (cache / BASE_CHECKPOINT_NAME).symlink_to(base, target_is_directory=True)
-    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_ADAPTER_DIR", tmp_path / "no-adapter")
+    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_DRAFT_HEAD_DIR", tmp_path / "no-draft-head")
     assert default_checkpoint(cache) == cache / BASE_CHECKPOINT_NAME
 
-    adapter = tmp_path / "adapter"
-    save_tiny_adapter(LayerSkipLlamaForCausalLM.from_pretrained(base), adapter, seed=1)
-    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_ADAPTER_DIR", adapter)
+    head = tmp_path / "head"
+    draft_head_files(base, head, seed=1)
+    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_DRAFT_HEAD_DIR", head)
     first = default_checkpoint(cache)
     assert first.parent == cache and first != cache / BASE_CHECKPOINT_NAME
     modified = first.stat().st_mtime_ns
     assert default_checkpoint(cache) == first and first.stat().st_mtime_ns == modified
 
-    save_tiny_adapter(LayerSkipLlamaForCausalLM.from_pretrained(base), adapter, seed=2)
+    draft_head_files(base, head, seed=2)
     second = default_checkpoint(cache)
     assert second != first
-    weights = [LayerSkipLlamaForCausalLM.from_pretrained(path).model.layers[0].self_attn.q_proj.weight for path in (first, second)]
-    assert not torch.equal(*weights)
+    adapters = [LayerSkipLlamaForCausalLM.from_pretrained(path).draft_head.adapter(2).up for path in (first, second)]
+    assert not torch.equal(*adapters)

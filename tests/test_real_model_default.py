@@ -1,4 +1,4 @@
-"""The default model as users get it: SmolLM2 with the shipped LayerSkip adapter merged in (fp32)."""
+"""The default model as users get it: SmolLM2 as it is, plus the shipped draft head (fp32)."""
 
 import json
 
@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_layerskip import LayerSkipLlamaForCausalLM
-from hf_layerskip.defaults import DEFAULT_ADAPTER_DIR, SETTINGS_FILE_NAME
+from hf_layerskip.defaults import DEFAULT_DRAFT_HEAD_DIR, SETTINGS_FILE_NAME
 from hf_layerskip.generation import load_humaneval
 
 pytestmark = pytest.mark.real_model
@@ -22,18 +22,17 @@ def default_model(smollm2_default_checkpoint):
     return model, AutoTokenizer.from_pretrained(smollm2_default_checkpoint)
 
 
-def test_adapter_is_merged_as_peft_applies_it(default_model, smollm2_checkpoint):
-    from peft import PeftModel
-
-    model, tokenizer = default_model
+def test_the_weights_are_smollm2s_and_the_draft_head_is_the_shipped_one(default_model, smollm2_checkpoint):
+    model, _ = default_model
     base = LayerSkipLlamaForCausalLM.from_pretrained(smollm2_checkpoint, dtype=torch.float32)
-    adapted = PeftModel.from_pretrained(base, DEFAULT_ADAPTER_DIR).eval()
-    input_ids = tokenizer("def fibonacci(n):\n", return_tensors="pt")["input_ids"]
-    with torch.no_grad():
-        torch.testing.assert_close(model(input_ids).logits, adapted(input_ids).logits, atol=1e-3, rtol=1e-3)
-    settings = json.loads((DEFAULT_ADAPTER_DIR / SETTINGS_FILE_NAME).read_text())
+    for name, tensor in base.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    settings = json.loads((DEFAULT_DRAFT_HEAD_DIR / SETTINGS_FILE_NAME).read_text())
+    threshold = settings.pop("assistant_confidence_threshold", 0.0)
     assert {name: getattr(model.config, name) for name in settings} == settings
     assert model.generation_config.num_assistant_tokens == model.config.num_speculations
+    assert model.generation_config.assistant_confidence_threshold == threshold
+    assert str(model.config.exit_layer) in model.draft_head.adapters
 
 
 @pytest.mark.parametrize("problem", HELD_OUT)

@@ -56,13 +56,15 @@ def test_the_installed_package_is_the_wheel(wheel_env):
     assert Path(imported).is_relative_to(site_packages)
 
 
-def test_train_default_help_names_the_shipped_recipe(wheel_env):
+def test_commands_find_the_shipped_recipe_and_draft_head(wheel_env):
     _, site_packages = wheel_env
-    result = run_installed(wheel_env, "train-default", "--help")
+    result = run_installed(wheel_env, "train-lora", "--help")
     assert result.returncode == 0, result.stderr
     recipe = site_packages / "hf_layerskip" / "recipes" / "smollm2_self_speculative.yaml"
     assert recipe.is_file() and f"(default: {recipe})" in result.stdout
-    assert (site_packages / "hf_layerskip" / "default_adapter" / "adapter_model.safetensors").is_file()
+    assert run_installed(wheel_env, "train-default", "--help").returncode == 0
+    shipped = site_packages / "hf_layerskip" / "default_draft_head"
+    assert (shipped / "draft_head.safetensors").is_file() and (shipped / "layerskip_settings.json").is_file()
 
 
 @pytest.mark.real_model

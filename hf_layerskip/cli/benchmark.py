@@ -12,6 +12,7 @@ from .measure_options import (
     check_exit_layers,
     load_encoded_prompts,
     load_model,
+    parse_pairs,
     write_json,
 )
 from .parsing import add_dataclass_command, dataclasses_from
@@ -27,7 +28,8 @@ BOUND_HELP = (
     "Analytic bound: the costs of one plain step (c_full), one draft step at E (c_draft) and one verification pass "
     "of d drafts (c_verify) are measured in the same run; with per-token acceptance α (fitted so that "
     "α + α² + … + α^d equals the measured mean accepted drafts per round), a round yields "
-    "τ = (1 − α^(d+1)) / (1 − α) tokens, and the ideal speedup is τ / ((d·c_draft + c_verify) / c_full). The "
+    "τ = (1 − α^(d+1)) / (1 − α) tokens, and the ideal speedup is τ / ((s·c_draft + c_verify) / c_full), s the "
+    "measured draft steps per round (d without a confidence threshold). The "
     "benchmark reports it with the measured speedup and the fraction of the ideal that was reached."
 )
 
@@ -41,6 +43,14 @@ class BenchmarkArguments:
         metadata={
             "help": f"Comma-separated strategies to run, from {', '.join(STRATEGY_HELP)}; plain always runs (default: "
             "all)."
+        },
+    )
+    builtin_pair: str | None = field(
+        default=None,
+        metadata={
+            "help": "E:d of the builtin strategy, e.g. 28:1 to compare each path at its own best pair (unset: the same "
+            "E and d as self_speculative).",
+            "metavar": "E:D",
         },
     )
     warmup: int = field(
@@ -103,25 +113,32 @@ def parse_strategies(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ..generation.benchmark import bounds_table, run_benchmark
     from ..generation.metrics import markdown_table
-    from ..generation.strategies import standard_strategies
+    from ..generation.strategies import Strategy, standard_strategies
 
     model_options, progress, prompt_options, generation, speculation, options = dataclasses_from(args, ARGUMENT_TYPES)
     kinds = parse_strategies(options.strategies)
     model, tokenizer = load_model(model_options.model, model_options.dtype, model_options.device, "benchmark")
-    exit_layer = speculation.exit_layer if speculation.exit_layer is not None else model.config.exit_layer
-    speculations = (
-        speculation.num_speculations if speculation.num_speculations is not None else model.config.num_speculations
-    )
-    if kinds != ["plain"]:
-        check_exit_layers([exit_layer], model, "benchmark")
+    exit_layer, speculations, threshold = speculation.resolve(model, "benchmark")
     prompts, encoded = load_encoded_prompts(prompt_options, tokenizer, model.device)
 
+    strategies = standard_strategies(kinds, exit_layer, speculations, threshold)
+    if options.builtin_pair is not None:
+        try:
+            pairs = parse_pairs(options.builtin_pair)
+        except argparse.ArgumentTypeError as error:
+            raise SystemExit(f"hf-layerskip benchmark: --builtin-pair: {error}") from None
+        if len(pairs) != 1:
+            raise SystemExit(f"hf-layerskip benchmark: --builtin-pair takes one E:d pair, got {options.builtin_pair!r}.")
+        ((builtin_exit, builtin_speculations),) = pairs
+        check_exit_layers([builtin_exit], model, "benchmark")
+        builtin = Strategy("builtin", builtin_exit, builtin_speculations)
+        strategies = [builtin if s.kind == "builtin" else s for s in strategies]
     result = run_benchmark(
         model,
         tokenizer,
         prompts,
         encoded,
-        standard_strategies(kinds, exit_layer, speculations),
+        strategies,
         generation.max_new_tokens,
         warmup=options.warmup,
         cost_repeats=options.cost_repeats,
@@ -142,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     if result.bounds:
         lines += [
             "",
-            "Analytic bound: ideal speedup = τ(α,d) / ((d·c_draft + c_verify)/c_full), τ = (1−α^(d+1))/(1−α)",
+            "Analytic bound: ideal speedup = τ(α,d) / ((s·c_draft + c_verify)/c_full), τ = (1−α^(d+1))/(1−α), "
+            "s = draft steps per round",
             "",
         ]
         lines.append(bounds_table(result.bounds))

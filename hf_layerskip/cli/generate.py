@@ -17,7 +17,7 @@ class GenerateArguments:
         default=None,
         metadata={
             "help": "LayerSkip checkpoint directory (unset: the default model, SmolLM2-135M-Instruct with the "
-            "shipped LayerSkip adapter, built on first use)."
+            "shipped draft head, built on first use)."
         },
     )
     early_exit: int | None = field(

@@ -20,7 +20,7 @@ class ModelArguments:
         default=None,
         metadata={
             "help": "LayerSkip checkpoint directory (unset: the default model, SmolLM2-135M-Instruct with the shipped "
-            "LayerSkip adapter, built on first use)."
+            "draft head, built on first use)."
         },
     )
     device: str = field(
@@ -52,7 +52,15 @@ class PromptArguments:
         default=None,
         metadata={"help": "The JSON-lines file of the jsonl and summarization sources.", "metavar": "PATH"},
     )
-    num_prompts: int = field(default=10, metadata={"help": "Use the first N prompts.", "metavar": "N"})
+    num_prompts: int = field(default=10, metadata={"help": "Use N prompts.", "metavar": "N"})
+    first_prompt: int = field(
+        default=0,
+        metadata={
+            "help": "Skip the first K prompts, e.g. 100 for HumanEval problems 100.. (the default model's draft head "
+            "trained on the greedy continuations of problems 0..99).",
+            "metavar": "K",
+        },
+    )
     prompt_field: str = field(default="prompt", metadata={"help": "jsonl source: field holding the prompt."})
     reference_field: str | None = field(
         default=None, metadata={"help": "jsonl source: field holding a reference output, for ROUGE-L (optional)."}
@@ -92,6 +100,28 @@ class SpeculationArguments:
         default=None,
         metadata={"help": "Draft tokens per round d (unset: the checkpoint's num_speculations).", "metavar": "D"},
     )
+    confidence_threshold: float | None = field(
+        default=None,
+        metadata={
+            "help": "Self-speculative drafts stop before a token the exit gives probability < t (unset: the "
+            "checkpoint's generation config assistant_confidence_threshold; 0 drafts d tokens every round).",
+            "metavar": "T",
+        },
+    )
+
+    def resolve(self, model, command: str) -> tuple[int, int, float]:
+        """`(E, d, t)`: the options given, else the checkpoint's; errors name the command and the bad value."""
+        exit_layer = model.config.exit_layer if self.exit_layer is None else self.exit_layer
+        speculations = model.config.num_speculations if self.num_speculations is None else self.num_speculations
+        threshold = self.confidence_threshold
+        if threshold is None:
+            threshold = model.generation_config.assistant_confidence_threshold or 0.0
+        check_exit_layers([exit_layer], model, command)
+        if speculations < 1:
+            raise SystemExit(f"hf-layerskip {command}: --num-speculations must be at least 1, got {speculations}.")
+        if not 0 <= threshold <= 1:
+            raise SystemExit(f"hf-layerskip {command}: --confidence-threshold must be in [0, 1], got {threshold}.")
+        return exit_layer, speculations, threshold
 
 
 class IntList(tuple):
@@ -150,16 +180,21 @@ def load_encoded_prompts(args: PromptArguments, tokenizer, device: torch.device)
 
     if args.num_prompts < 1:
         raise SystemExit(f"--num-prompts must be at least 1, got {args.num_prompts}.")
+    if args.first_prompt < 0:
+        raise SystemExit(f"--first-prompt must be at least 0, got {args.first_prompt}.")
     prompts = load_prompts(
         args.prompts,
         args.prompts_file,
-        args.num_prompts,
+        args.first_prompt + args.num_prompts,
         prompt_field=args.prompt_field,
         reference_field=args.reference_field,
         id_field=args.id_field,
         article_field=args.article_field,
         summary_field=args.summary_field,
     )
+    prompts = prompts[args.first_prompt :]
+    if not prompts:
+        raise SystemExit(f"--first-prompt {args.first_prompt} skips every prompt of the source.")
     encoded = [encode_prompt(tokenizer, p.prompt, args.chat_template, device) for p in prompts]
     return prompts, encoded
 

@@ -1,8 +1,9 @@
-"""`hf-layerskip train-default`: rebuild the default model's LoRA adapter from the base GGUF, offline, resumably.
+"""`hf-layerskip train-default`: rebuild the default model's draft head from the base GGUF, offline, resumably.
 
-Three stages, each skipped when its output is already in --work-dir: self-distillation data (the base model's
-greedy continuations of standard-library coding prompts), LoRA training with `hf-layerskip train` and the recipe,
-and the adapter's export (bf16 safetensors plus `layerskip_settings.json`).
+It runs `hf-layerskip train-draft` with that command's defaults on SmolLM2-135M-Instruct as it is, for the exit
+layers, adapter rank and draft vocabulary size of the shipped draft head (hf_layerskip/default_draft_head), and
+exports the new head with the shipped decoding settings (the exit layer, draft length and confidence threshold a
+sweep on HumanEval problems 0..123 chose). Rerun with the same --work-dir to resume.
 """
 
 import argparse
@@ -10,38 +11,26 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from ..defaults import RECIPES_DIR
 from .parsing import KeepParagraphsHelpFormatter, add_dataclass_command, dataclasses_from
-
-DEFAULT_RECIPE = RECIPES_DIR / "smollm2_self_speculative.yaml"
-DISTILLATION_SECTION = "self_distillation"
-DISTILLATION_DEFAULTS = dict(num_prompts=512, max_new_tokens=128, batch_size=16, seed=0)
 
 
 @dataclass
 class TrainDefaultArguments:
-    recipe: str = field(
-        default=str(DEFAULT_RECIPE),
-        metadata={"help": "YAML recipe: `hf-layerskip train` options plus a self_distillation section."},
-    )
     work_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Where the data, training checkpoints and adapter go; rerun with the same directory to resume "
-            "(unset: the cache directory's train-default/)."
+            "help": "Where the data, adapters and checkpoint go; rerun with the same directory to resume (unset: the "
+            "cache directory's train-default/)."
         },
     )
-    adapter_dir: str | None = field(
+    export_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Where to export the adapter (unset: WORK_DIR/adapter); hf_layerskip/default_adapter is the "
-            "shipped one."
+            "help": "Where to export the draft head (unset: WORK_DIR/draft_head); hf_layerskip/default_draft_head is "
+            "the shipped one."
         },
     )
-    exit_layer: int | None = field(default=None, metadata={"help": "Exit layer E to record with the adapter (unset: none)."})
-    num_speculations: int | None = field(default=None, metadata={"help": "Draft length d to record with the adapter (unset: none)."})
+    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
 
 
 def add_parser(subparsers) -> None:
@@ -49,94 +38,36 @@ def add_parser(subparsers) -> None:
         subparsers,
         "train-default",
         [TrainDefaultArguments],
-        help="retrain the default model's LayerSkip adapter from the base GGUF (resumes where it stopped)",
+        help="rebuild the default model's draft head (exit adapter, draft vocabulary) from the base GGUF",
         description=__doc__,
         formatter_class=KeepParagraphsHelpFormatter,
     )
     parser.set_defaults(run=run)
 
 
-def load_recipe(path: str | Path) -> tuple[dict, dict]:
-    """`(distillation settings, train options)` of a recipe; errors name the file."""
-    from .train import load_config_file
-
-    path = Path(path)
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a YAML mapping of `hf-layerskip train` options (file missing or empty).")
-    distillation = values.get(DISTILLATION_SECTION) or {}
-    unknown = sorted(set(distillation) - set(DISTILLATION_DEFAULTS))
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown {DISTILLATION_SECTION} settings {unknown}; allowed: {', '.join(DISTILLATION_DEFAULTS)}."
-        )
-    return {**DISTILLATION_DEFAULTS, **distillation}, load_config_file(path, other_sections=(DISTILLATION_SECTION,))
-
-
 def run(args: argparse.Namespace) -> int:
     (options,) = dataclasses_from(args, [TrainDefaultArguments])
-    return train_default(options)
-
-
-def train_default(options: TrainDefaultArguments) -> int:
-    from ..defaults import base_checkpoint, cache_dir
-
-    try:
-        distillation, train_options = load_recipe(options.recipe)
-    except (ValueError, FileNotFoundError) as error:
-        raise SystemExit(f"hf-layerskip train-default: {error}") from None
-    work_dir = Path(options.work_dir) if options.work_dir else cache_dir() / "train-default"
-    base = base_checkpoint()
-    data_files = distill(base, work_dir / "data", distillation)
-    run_dir = work_dir / "run"
-    train(base, data_files, run_dir, train_options)
-    adapter_dir = Path(options.adapter_dir) if options.adapter_dir else work_dir / "adapter"
-    settings = {"exit_layer": options.exit_layer, "num_speculations": options.num_speculations}
-    export_adapter(run_dir, adapter_dir, {k: v for k, v in settings.items() if v is not None})
-    print(adapter_dir, flush=True)
+    print(train_default(options), flush=True)
     return 0
 
 
-def distill(base: Path, data_dir: Path, settings: dict) -> list[Path]:
-    import torch
-    from transformers import AutoTokenizer
+def train_default(options: TrainDefaultArguments) -> Path:
+    """Trains and exports the draft head; returns the export directory."""
+    from ..defaults import DECODING_SETTINGS, DEFAULT_DRAFT_HEAD_DIR, SETTINGS_FILE_NAME, cache_dir
+    from ..trainer.exit_adapters import ExitAdapterTrainingArguments
+    from .train_draft import TrainDraftArguments, train_draft
 
-    from ..generation.builtin import plain_llama_view
-    from ..modeling import LayerSkipLlamaForCausalLM
-    from ..trainer.self_distillation import shard_paths, stdlib_function_prompts, write_self_distillation_data
-
-    done = shard_paths(data_dir, settings["num_prompts"])
-    if all(shard.is_file() for shard in done):  # nothing to generate: skip loading the model
-        return done
-    prompts = stdlib_function_prompts(seed=settings["seed"])[: settings["num_prompts"]]
-    model = plain_llama_view(LayerSkipLlamaForCausalLM.from_pretrained(base, dtype=torch.float32))
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    return write_self_distillation_data(
-        model, tokenizer, prompts, data_dir, settings["max_new_tokens"], batch_size=settings["batch_size"]
+    shipped = json.loads((DEFAULT_DRAFT_HEAD_DIR / SETTINGS_FILE_NAME).read_text())
+    work_dir = Path(options.work_dir) if options.work_dir else cache_dir() / "train-default"
+    export_dir = Path(options.export_dir) if options.export_dir else work_dir / "draft_head"
+    draft_options = TrainDraftArguments(
+        output_dir=str(work_dir / "model"),
+        work_dir=str(work_dir),
+        export_dir=str(export_dir),
+        exit_layers=shipped["exit_adapter_layers"],
+        draft_vocab_size=shipped["draft_vocab_size"],
+        no_progress=options.no_progress,
+        **{name: shipped[name] for name in DECODING_SETTINGS if name in shipped},
     )
-
-
-def train(base: Path, data_files: list[Path], run_dir: Path, train_options: dict) -> None:
-    from . import train as train_command
-
-    if (run_dir / "adapter_model.safetensors").is_file():
-        return
-    options = dict(train_options, model=str(base), train_files=[str(f) for f in data_files], output_dir=str(run_dir))
-    if any(run_dir.glob("checkpoint-*")):
-        options["resume_from_checkpoint"] = "latest"
-    train_command.train(*train_command.options_from(options))
-
-
-def export_adapter(run_dir: Path, adapter_dir: Path, settings: dict) -> None:
-    """The trained adapter in bf16 (half the bytes of fp32; the shipped figures are measured with the bf16 factors)
-    and the LayerSkip settings to apply when it is merged."""
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    from ..defaults import SETTINGS_FILE_NAME
-
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    tensors = load_file(run_dir / "adapter_model.safetensors")
-    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tensors.items()}, adapter_dir / "adapter_model.safetensors")
-    (adapter_dir / "adapter_config.json").write_text((run_dir / "adapter_config.json").read_text())
-    (adapter_dir / SETTINGS_FILE_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+    train_draft(draft_options, ExitAdapterTrainingArguments(exit_adapter_rank=shipped["exit_adapter_rank"]))
+    return export_dir

@@ -17,6 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from .measure_options import IntList
 from .parsing import KeepParagraphsHelpFormatter, add_dataclass_command, dataclasses_from
 
 HELD_OUT_HUMANEVAL_START = 124
@@ -36,8 +37,9 @@ class TrainDraftArguments:
             "OUTPUT_DIR/work)."
         },
     )
-    exit_layers: list[int] = field(
-        default_factory=lambda: [8], metadata={"help": "Exit layers E to train an adapter for."}
+    exit_layers: IntList = field(
+        default_factory=lambda: IntList([6, 8, 10]),
+        metadata={"help": "Exit layers E to train an adapter for, e.g. 6,8,10 or 4-12:2."},
     )
     draft_vocab_size: int | None = field(
         default=8192, metadata={"help": "K, the draft vocabulary's size; 0 keeps the full vocabulary."}
@@ -54,6 +56,23 @@ class TrainDraftArguments:
     max_length: int = field(default=512, metadata={"help": "Tokens kept per text."})
     held_out_texts: int = field(
         default=24, metadata={"help": "The last N HumanEval texts are held out of training and scored in the report."}
+    )
+    export_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Also write the draft head alone here (draft_head.safetensors and layerskip_settings.json, a few "
+            "MB), with the decoding settings below, as hf_layerskip/default_draft_head ships it (unset: no export)."
+        },
+    )
+    exit_layer: int | None = field(
+        default=None, metadata={"help": "Exit layer E to record as the checkpoint's default (unset: keep the model's)."}
+    )
+    num_speculations: int | None = field(
+        default=None, metadata={"help": "Draft length d to record as the default (unset: keep the model's)."}
+    )
+    assistant_confidence_threshold: float | None = field(
+        default=None,
+        metadata={"help": "Confidence threshold t to record in the generation config (unset: keep the model's)."},
     )
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda or cuda:N; auto picks cuda."})
     no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
@@ -104,7 +123,7 @@ def train_draft(options: TrainDraftArguments, adapter_args) -> dict:
     from safetensors.torch import load_file, save_file
     from transformers import AutoTokenizer
 
-    from ..defaults import base_checkpoint
+    from ..defaults import DECODING_SETTINGS, apply_decoding_settings, base_checkpoint, export_draft_head
     from ..generation.layer_quality import tokenize_texts
     from ..modeling import LayerSkipLlamaForCausalLM
     from ..modeling.draft_head import ExitAdapter
@@ -165,6 +184,14 @@ def train_draft(options: TrainDraftArguments, adapter_args) -> dict:
         },
     }
     model.set_draft_head(adapters, vocab_ids)
+    decoding = {
+        name: getattr(options, name)
+        for name in DECODING_SETTINGS
+        if getattr(options, name) is not None
+    }
+    apply_decoding_settings(model, decoding)
+    if options.export_dir:
+        export_draft_head(model, options.export_dir, decoding)
     model.save_pretrained(output_dir)
     tokenizer.save_pretrained(output_dir)
     (output_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -89,7 +89,12 @@ def run_benchmark(
         costs = measure_step_costs(model, encoded[0], strategy.exit_layer, strategy.num_speculations, cost_repeats)
         bounds.append(
             speedup_bound(
-                costs, strategy.exit_layer, strategy.num_speculations, summary.mean_accepted_per_round, summary.speedup
+                costs,
+                strategy.exit_layer,
+                strategy.num_speculations,
+                summary.mean_accepted_per_round,
+                summary.speedup,
+                summary.mean_draft_steps_per_round,
             )
         )
 
@@ -108,14 +113,14 @@ def run_benchmark(
 def bounds_table(bounds: list[SpeedupBound]) -> str:
     """The analytic-bound table, one row per self-speculative strategy."""
     lines = [
-        "| E | d | fitted α | τ(α,d) | c_draft/c_full | c_verify/c_full | ideal speedup | measured speedup "
-        "| fraction |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| E | d | fitted α | τ(α,d) | draft steps/round | c_draft/c_full | c_verify/c_full | ideal speedup "
+        "| measured speedup | fraction |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for b in bounds:
         lines.append(
             f"| {b.exit_layer} | {b.num_speculations} | {b.fitted_acceptance:.3f} | {b.expected_tokens_per_round:.2f} "
-            f"| {b.draft_cost_ratio:.3f} | {b.verify_cost_ratio:.3f} | {b.ideal_speedup:.2f} "
+            f"| {b.draft_steps_per_round:.2f} | {b.draft_cost_ratio:.3f} | {b.verify_cost_ratio:.3f} | {b.ideal_speedup:.2f} "
             f"| {b.measured_speedup:.2f} | {b.fraction_of_ideal:.2f} |"
         )
     return "\n".join(lines)

@@ -126,8 +126,10 @@ def run_demo(
     max_new_tokens: int = 128,
     tie_tolerance: float | None = None,
     on_result: Callable[[DemoResult], None] | None = None,
+    confidence_threshold: float = 0.0,
 ) -> list[DemoResult]:
-    """Greedy-decodes each `(prompt_id, text)` plainly, then self-speculatively at `(exit_layer, num_speculations)`.
+    """Greedy-decodes each `(prompt_id, text)` plainly, then self-speculatively at `(exit_layer, num_speculations)`
+    with drafts stopping below `confidence_threshold`.
 
     One short unmeasured warm-up of both modes on the first prompt comes first. A difference at a logit gap of at
     most `tie_tolerance` (default by dtype, as `hf-layerskip correctness`) counts as a numerical tie. `on_result`
@@ -137,7 +139,7 @@ def run_demo(
     common = {}
     if tokenizer.pad_token_id is None and model.generation_config.pad_token_id is None:
         common["pad_token_id"] = tokenizer.eos_token_id
-    plain, speculative = Strategy("plain"), Strategy("self_speculative", exit_layer, num_speculations)
+    plain, speculative = Strategy("plain"), Strategy("self_speculative", exit_layer, num_speculations, confidence_threshold)
     runner = StrategyRunner(model)
     encoded = [tokenizer(text, return_tensors="pt")["input_ids"].to(model.device) for _, text in prompts]
 

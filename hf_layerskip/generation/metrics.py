@@ -153,6 +153,7 @@ class StrategySummary:
     acceptance_rate: float | None
     tokens_per_round: float | None
     mean_accepted_per_round: float | None
+    mean_draft_steps_per_round: float | None
     peak_memory_mib: float | None
     rouge_l: float | None
     mismatches: int
@@ -193,6 +194,12 @@ def summarize(
         acceptance_rate=acceptance_rate(accepted, drafted) if strategy.speculative else None,
         tokens_per_round=new_tokens / rounds if rounds else None,
         mean_accepted_per_round=accepted / rounds if rounds else None,
+        # The built-in path drafts exactly its proposals; ours also runs the steps of withheld drafts.
+        mean_draft_steps_per_round=(
+            sum(r.draft_steps if r.draft_steps is not None else r.drafted_tokens for r in records) / rounds
+            if rounds
+            else None
+        ),
         peak_memory_mib=max(measured_peaks) / 2**20 if measured_peaks else None,
         rouge_l=statistics.fmean(rouge_scores) if rouge_scores else None,
         mismatches=sum(first_mismatch(p.new_tokens, r.new_tokens) is not None for p, r in zip(plain_records, records)),

@@ -4,10 +4,14 @@ With per-token acceptance α and d drafts per round, a round yields on average
 
     τ(α, d) = 1 + α + α² + … + α^d = (1 − α^{d+1}) / (1 − α)          (τ = d + 1 when α = 1)
 
-tokens (the accepted drafts plus the full model's own token), and costs d draft steps through layers 0..E−1 and
-one verification pass. Relative to plain decoding, whose step costs c_full,
+tokens (the accepted drafts plus the full model's own token), and costs s draft steps through layers 0..E−1 and
+the draft's exit, and one verification pass. Relative to plain decoding, whose step costs c_full,
 
-    ideal speedup = τ(α, d) / ((d · c_draft + c_verify) / c_full).
+    ideal speedup = τ(α, d) / ((s · c_draft + c_verify) / c_full),
+
+where s = d for a constant draft length; with a confidence threshold, s is the measured mean number of draft steps
+per round (the withheld drafts' steps included), and c_verify, timed after d drafts, is at most what such a round's
+verification costs.
 
 α is fitted to the measured mean number of accepted drafts per round (Σ_{i=1..d} α^i, a geometric model of
 acceptance), so the ideal uses the acceptance actually observed; the measured speedup over it shows how much of
@@ -134,6 +138,7 @@ class SpeedupBound:
     num_speculations: int
     fitted_acceptance: float
     expected_tokens_per_round: float
+    draft_steps_per_round: float  # s
     draft_cost_ratio: float  # c_draft / c_full
     verify_cost_ratio: float  # c_verify / c_full
     ideal_speedup: float
@@ -145,18 +150,26 @@ class SpeedupBound:
 
 
 def speedup_bound(
-    costs: StepCosts, exit_layer: int, num_speculations: int, mean_accepted_per_round: float, measured_speedup: float
+    costs: StepCosts,
+    exit_layer: int,
+    num_speculations: int,
+    mean_accepted_per_round: float,
+    measured_speedup: float,
+    mean_draft_steps_per_round: float | None = None,
 ) -> SpeedupBound:
-    """Ideal speedup τ(α, d) / ((d·c_draft + c_verify) / c_full) with α fitted to the measured acceptance."""
+    """Ideal speedup τ(α, d) / ((s·c_draft + c_verify) / c_full) with α fitted to the measured acceptance and s the
+    mean draft steps per round (`None`: d)."""
     acceptance = fit_acceptance(min(mean_accepted_per_round, num_speculations), num_speculations)
     tokens_per_round = expected_tokens_per_round(acceptance, num_speculations)
-    round_cost = (num_speculations * costs.draft + costs.verify) / costs.full
+    steps = num_speculations if mean_draft_steps_per_round is None else mean_draft_steps_per_round
+    round_cost = (steps * costs.draft + costs.verify) / costs.full
     ideal = tokens_per_round / round_cost
     return SpeedupBound(
         exit_layer=exit_layer,
         num_speculations=num_speculations,
         fitted_acceptance=acceptance,
         expected_tokens_per_round=tokens_per_round,
+        draft_steps_per_round=steps,
         draft_cost_ratio=costs.draft / costs.full,
         verify_cost_ratio=costs.verify / costs.full,
         ideal_speedup=ideal,

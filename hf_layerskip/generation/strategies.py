@@ -55,13 +55,17 @@ class Strategy:
         return f"{self.kind}(E={self.exit_layer},d={self.num_speculations}{extras})"
 
 
-def standard_strategies(kinds, exit_layer: int, num_speculations: int) -> list[Strategy]:
-    """The strategies named in `kinds`, all at the same `(E, d)`."""
+def standard_strategies(
+    kinds, exit_layer: int, num_speculations: int, confidence_threshold: float = 0.0
+) -> list[Strategy]:
+    """The strategies named in `kinds`, all at the same `(E, d)`; self-speculative drafts stop below
+    `confidence_threshold`."""
     return [
         Strategy(
             kind,
             None if kind == "plain" else exit_layer,
             num_speculations if kind in ("self_speculative", "builtin") else None,
+            confidence_threshold if kind == "self_speculative" else 0.0,
         )
         for kind in kinds
     ]
@@ -76,6 +80,8 @@ class GenerationRecord:
     rounds: int | None = None
     drafted_tokens: int | None = None
     accepted_tokens: int | None = None
+    # Self-speculative only: draft passes, withheld (unconfident) drafts included.
+    draft_steps: int | None = None
     # Self-speculative only: `(num_new,)`, True where the token is an accepted draft.
     from_draft: torch.BoolTensor | None = None
 
@@ -160,6 +166,7 @@ class StrategyRunner:
         if strategy.kind == "self_speculative":
             record.rounds, record.drafted_tokens = output.rounds, output.drafted_tokens
             record.accepted_tokens, record.from_draft = output.accepted_tokens, output.from_draft.cpu()
+            record.draft_steps = output.draft_steps
         elif strategy.kind == "builtin":
             counter = self._builtin_counter
             record.rounds, record.drafted_tokens = counter.rounds, counter.drafted_tokens

@@ -40,6 +40,8 @@ class SpeculationStats:
     rounds: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
+    # Passes through layers 0..E-1 and the draft's exit; more than `drafted_tokens` where a withheld draft's step ran.
+    draft_steps: int = 0
     # Per new token: True where the early exit drafted it and the full model accepted it, False where the full
     # model's verification produced it.
     from_draft: list[bool] = field(default_factory=list)
@@ -56,6 +58,7 @@ class SelfSpeculativeOutput(GenerateDecoderOnlyOutput):
     A [`GenerateDecoderOnlyOutput`] plus the speculation counts.
 
     rounds (`int`): draft-and-verify rounds. drafted_tokens (`int`): tokens drafted by the early exit.
+    draft_steps (`int`): draft passes, those of withheld (unconfident) drafts included.
     accepted_tokens (`int`): drafted tokens the full model accepted. acceptance_rate (`float`): their ratio.
     from_draft (`torch.BoolTensor` of shape `(new_tokens,)`): which new tokens are accepted drafts (the rest come
     from verification).
@@ -63,6 +66,7 @@ class SelfSpeculativeOutput(GenerateDecoderOnlyOutput):
 
     rounds: int | None = None
     drafted_tokens: int | None = None
+    draft_steps: int | None = None
     accepted_tokens: int | None = None
     acceptance_rate: float | None = None
     from_draft: torch.BoolTensor | None = None
@@ -431,6 +435,7 @@ def self_speculative_decoding(
     finished = False
     while not finished:
         candidate_ids, draft_scores = decoder.draft(cur_len)
+        stats.draft_steps += decoder.exit_query_cache.shape[1]
         final_hidden = decoder.verify(candidate_ids)  # (1, num_drafted + 1, hidden_size)
         num_accepted, new_tokens, raw, processed = accept(
             model, final_hidden, candidate_ids, cur_len, draft_scores, logits_processor, do_sample
@@ -473,6 +478,7 @@ def self_speculative_decoding(
         cache=cache,
         rounds=stats.rounds,
         drafted_tokens=stats.drafted_tokens,
+        draft_steps=stats.draft_steps,
         accepted_tokens=stats.accepted_tokens,
         acceptance_rate=stats.acceptance_rate,
         from_draft=torch.tensor(stats.from_draft, dtype=torch.bool),

@@ -96,7 +96,7 @@ class ExitAdapterTrainingArguments:
             "choices": list(EXIT_ADAPTER_LOSSES),
         },
     )
-    epochs: int = field(default=8, metadata={"help": "passes over the training positions"})
+    epochs: int = field(default=3, metadata={"help": "passes over the training positions"})
     learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate (one-cycle schedule)"})
     batch_size: int = field(default=512, metadata={"help": "positions per optimizer step"})
     seed: int = field(default=0, metadata={"help": "adapter initialisation and position order"})

@@ -114,17 +114,17 @@ def test_convert_default_prints_the_cached_checkpoint(checkpoint, tmp_path, monk
     cached = tmp_path / BASE_CHECKPOINT_NAME
     cached.symlink_to(checkpoint, target_is_directory=True)
     monkeypatch.setenv("HF_LAYERSKIP_CACHE", str(tmp_path))
-    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_ADAPTER_DIR", tmp_path / "no-adapter")
+    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_DRAFT_HEAD_DIR", tmp_path / "no-draft-head")
     monkeypatch.setattr("hf_layerskip.defaults.fetch_default_gguf", _no_download)
     assert main(["convert", "--default"]) == 0
     assert capsys.readouterr().out.strip() == str(cached)
 
 
-def test_convert_default_base_prints_the_checkpoint_without_the_adapter(checkpoint, tmp_path, monkeypatch, capsys):
+def test_convert_default_base_prints_the_checkpoint_without_the_draft_head(checkpoint, tmp_path, monkeypatch, capsys):
     (tmp_path / BASE_CHECKPOINT_NAME).symlink_to(checkpoint, target_is_directory=True)
     monkeypatch.setenv("HF_LAYERSKIP_CACHE", str(tmp_path))
     monkeypatch.setattr("hf_layerskip.defaults.fetch_default_gguf", _no_download)
-    monkeypatch.setattr("hf_layerskip.defaults.build_from_adapter", _no_download)
+    monkeypatch.setattr("hf_layerskip.defaults.build_from_draft_head", _no_download)
     assert main(["convert", "--default", "--base"]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / BASE_CHECKPOINT_NAME)
     with pytest.raises(SystemExit, match="--base goes with --default"):
@@ -134,7 +134,7 @@ def test_convert_default_base_prints_the_checkpoint_without_the_adapter(checkpoi
 def test_generate_uses_the_default_checkpoint_without_model(checkpoint, tmp_path, monkeypatch, capsys):
     (tmp_path / BASE_CHECKPOINT_NAME).symlink_to(checkpoint, target_is_directory=True)
     monkeypatch.setenv("HF_LAYERSKIP_CACHE", str(tmp_path))
-    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_ADAPTER_DIR", tmp_path / "no-adapter")
+    monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_DRAFT_HEAD_DIR", tmp_path / "no-draft-head")
     monkeypatch.setattr("hf_layerskip.defaults.fetch_default_gguf", _no_download)
     expected, _, _ = reference_completion(checkpoint)
     assert main(["generate", PROMPT, "--max-new-tokens", str(MAX_NEW_TOKENS)]) == 0

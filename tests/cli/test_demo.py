@@ -96,7 +96,7 @@ def test_cli_prints_completions_and_counts_without_color(checkpoint, references,
     tokenizer, _, expected = references
     out = run_cli(capsys, checkpoint, "--color", "never")
     assert ANSI.search(out) is None and "legend" not in out
-    assert "draft with layers 1-2 of 6, 3 per round" in out
+    assert "draft with layers 1-2 of 6, up to 3 per round" in out
     for prompt_number, (plain, from_draft) in enumerate(expected, 1):
         assert f"=== prompt {prompt_number} ===\n{tokenizer.decode(plain, skip_special_tokens=True)}\n" in out
     counts = COUNTS_LINE.findall(out)

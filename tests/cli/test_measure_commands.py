@@ -96,6 +96,24 @@ def test_benchmark_reports_every_strategy(files, tmp_path, capsys):
     assert (tmp_path / "bench.md").read_text().strip() in printed
 
 
+def test_benchmark_runs_the_builtin_path_at_its_own_pair_and_a_threshold(files, tmp_path):
+    output = tmp_path / "bench.json"
+    argv = [*prompt_options(files), "--max-new-tokens", 8, "--exit-layer", 2, "--num-speculations", 3]
+    argv += ["--first-prompt", 1, "--num-prompts", 2]
+    argv += ["--strategies", "self_speculative,builtin", "--builtin-pair", "4:1", "--confidence-threshold", 0.02]
+    assert run_command("benchmark", *argv, "--output", output, "--cost-repeats", 2) == 0
+    result = json.loads(output.read_text())
+    assert [row["id"] for row in result["per_prompt"]] == ["p1", "p2"]
+    names = [s["strategy"] for s in result["strategies"]]
+    assert names == ["plain", "self_speculative(E=2,d=3,t=0.02)", "builtin(E=4,d=1)"]
+    assert all(s["mismatches"] == 0 for s in result["strategies"])
+    (bound,) = result["speedup_bounds"]
+    # A threshold withholds drafts: the bound counts the draft steps that ran, not d.
+    assert bound["draft_steps_per_round"] == pytest.approx(result["strategies"][1]["mean_draft_steps_per_round"])
+    with pytest.raises(SystemExit, match="one E:d pair"):
+        run_command("benchmark", *argv[:-4], "--builtin-pair", "4:1,6:2", "--output", output)
+
+
 def test_benchmark_tokens_follow_plain_greedy(files, tmp_path):
     """The benchmark's plain outputs are the model's greedy continuation of each prompt."""
     output = tmp_path / "bench.json"

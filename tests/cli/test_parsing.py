@@ -126,7 +126,7 @@ def test_a_shared_option_takes_the_command_default_in_parsing_and_help():
     assert (prompts.num_prompts, generation.max_new_tokens) == (5, 32)
     help_text = " ".join(subparser("sweep").format_help().split())
     assert "decoding also stops at EOS. (default: 32)" in help_text
-    assert "Use the first N prompts. (default: 5)" in help_text
+    assert "Use N prompts. (default: 5)" in help_text
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ def command(model: Path, output: Path, *extra) -> list[str]:
         "train-draft",
         "--model", str(model),
         "--output-dir", str(output),
-        "--exit_layers", "2", "3",
+        "--exit_layers", "2,3",
         "--draft-vocab-size", "64",
         "--stdlib-prompts", "4",
         "--humaneval-prompts", "5",

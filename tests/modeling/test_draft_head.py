@@ -30,6 +30,14 @@ def with_draft_head(model, exit_layers=(2,), vocab_size: int | None = 40, rank: 
     return model
 
 
+def make_layers_after_the_exit_identities(model, exit_layer: int) -> None:
+    """Zeroes the residual branches of layers E..L-1: the plain exit at E then drafts exactly the full model's tokens."""
+    with torch.no_grad():
+        for layer in model.model.layers[exit_layer:]:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+
+
 @pytest.mark.parametrize("rank", [None, 8])
 def test_a_fresh_adapter_is_the_identity(rank):
     model = tiny_model(exit_adapter_layers=[2, 4], exit_adapter_rank=rank)
@@ -90,10 +98,7 @@ def test_the_adapter_changes_the_drafts_not_the_output():
     identity then makes drafts wrong, and the output stays plain greedy's."""
     model = tiny_model(seed=5)
     exit_layer = 3
-    with torch.no_grad():
-        for layer in model.model.layers[exit_layer:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    make_layers_after_the_exit_identities(model, exit_layer)
     input_ids = prompt(8, seed=4)
     settings = dict(
         assistant_early_exit=exit_layer, num_assistant_tokens=4, max_new_tokens=20, return_dict_in_generate=True
@@ -111,10 +116,7 @@ def test_each_layer_processes_each_position_once_with_a_draft_head():
     emits, so that every draft is accepted, and each layer then sees each position once."""
     model = tiny_model(seed=1)
     exit_layer = 2
-    with torch.no_grad():
-        for layer in model.model.layers[exit_layer:]:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
+    make_layers_after_the_exit_identities(model, exit_layer)
     input_ids = prompt(11, seed=18)
     settings = dict(max_new_tokens=23, do_sample=False, return_dict_in_generate=True)
     outputs = {}

@@ -422,6 +422,8 @@ def test_a_withheld_draft_costs_no_layer_pass(agreeing):
     )
     assert torch.equal(outputs["ours"].sequences, outputs["plain"].sequences)
     assert outputs["ours"].drafted_tokens == 0
+    # One withheld step per round, but in the last, which has room for the full model's token only.
+    assert outputs["ours"].draft_steps == outputs["ours"].rounds - 1
     assert ours_counts == plain_counts
 
 
