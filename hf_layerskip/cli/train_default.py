@@ -3,7 +3,7 @@
 It runs `hf-layerskip train-draft` with that command's defaults on SmolLM2-135M-Instruct as it is, for the exit
 layers, adapter rank and draft vocabulary size of the shipped draft head (hf_layerskip/default_draft_head), and
 exports the new head with the shipped decoding settings (the exit layer, draft length and confidence threshold a
-sweep on HumanEval problems 0..123 chose). Rerun with the same --work-dir to resume.
+sweep on HumanEval problems 100..107 chose). Rerun with the same --work-dir to resume.
 """
 
 import argparse
@@ -11,6 +11,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .measure_options import ProgressArguments
 from .parsing import KeepParagraphsHelpFormatter, add_dataclass_command, dataclasses_from
 
 
@@ -30,14 +31,13 @@ class TrainDefaultArguments:
             "the shipped one."
         },
     )
-    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
 
 
 def add_parser(subparsers) -> None:
     parser = add_dataclass_command(
         subparsers,
         "train-default",
-        [TrainDefaultArguments],
+        [TrainDefaultArguments, ProgressArguments],
         help="rebuild the default model's draft head (exit adapter, draft vocabulary) from the base GGUF",
         description=__doc__,
         formatter_class=KeepParagraphsHelpFormatter,
@@ -46,12 +46,12 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    (options,) = dataclasses_from(args, [TrainDefaultArguments])
-    print(train_default(options), flush=True)
+    options, progress = dataclasses_from(args, [TrainDefaultArguments, ProgressArguments])
+    print(train_default(options, progress=not progress.no_progress), flush=True)
     return 0
 
 
-def train_default(options: TrainDefaultArguments) -> Path:
+def train_default(options: TrainDefaultArguments, progress: bool = True) -> Path:
     """Trains and exports the draft head; returns the export directory."""
     from ..defaults import DECODING_SETTINGS, DEFAULT_DRAFT_HEAD_DIR, SETTINGS_FILE_NAME, cache_dir
     from ..trainer.exit_adapters import ExitAdapterTrainingArguments
@@ -66,8 +66,8 @@ def train_default(options: TrainDefaultArguments) -> Path:
         export_dir=str(export_dir),
         exit_layers=shipped["exit_adapter_layers"],
         draft_vocab_size=shipped["draft_vocab_size"],
-        no_progress=options.no_progress,
         **{name: shipped[name] for name in DECODING_SETTINGS if name in shipped},
     )
-    train_draft(draft_options, ExitAdapterTrainingArguments(exit_adapter_rank=shipped["exit_adapter_rank"]))
+    adapter_args = ExitAdapterTrainingArguments(exit_adapter_rank=shipped["exit_adapter_rank"])
+    train_draft(draft_options, adapter_args, progress=progress)
     return export_dir

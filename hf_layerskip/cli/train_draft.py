@@ -1,6 +1,6 @@
 """`hf-layerskip train-draft`: a draft vocabulary and exit adapters for a frozen model, offline, resumably.
 
-Stages, each skipped when its output is already in --work-dir:
+Stages (the data and each finished adapter are kept in --work-dir, so a rerun skips them):
   1. data: the model's own greedy continuations of standard-library functions cut after their docstring, and of
      the first HumanEval prompts (never past problem 123: 124..163 are the held-out test);
   2. states: one forward pass over that text records each exit layer's output and the full model's prediction;
@@ -17,7 +17,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .measure_options import IntList
+from .measure_options import IntList, ProgressArguments
 from .parsing import KeepParagraphsHelpFormatter, add_dataclass_command, dataclasses_from
 
 HELD_OUT_HUMANEVAL_START = 124
@@ -38,7 +38,7 @@ class TrainDraftArguments:
         },
     )
     exit_layers: IntList = field(
-        default_factory=lambda: IntList([6, 8, 10]),
+        default_factory=lambda: IntList([6, 8, 10, 12, 14]),
         metadata={"help": "Exit layers E to train an adapter for, e.g. 6,8,10 or 4-12:2."},
     )
     draft_vocab_size: int | None = field(
@@ -75,7 +75,6 @@ class TrainDraftArguments:
         metadata={"help": "Confidence threshold t to record in the generation config (unset: keep the model's)."},
     )
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda or cuda:N; auto picks cuda."})
-    no_progress: bool = field(default=False, metadata={"help": "Hide the progress bars."})
 
     def __post_init__(self):
         if not 0 <= self.humaneval_prompts <= HELD_OUT_HUMANEVAL_START:
@@ -96,7 +95,7 @@ def add_parser(subparsers) -> None:
     parser = add_dataclass_command(
         subparsers,
         "train-draft",
-        [TrainDraftArguments, ExitAdapterTrainingArguments],
+        [TrainDraftArguments, ExitAdapterTrainingArguments, ProgressArguments],
         help="train a draft vocabulary and exit adapters for a frozen model (resumes where it stopped)",
         description=__doc__,
         formatter_class=KeepParagraphsHelpFormatter,
@@ -108,16 +107,18 @@ def run(args: argparse.Namespace) -> int:
     from ..trainer.exit_adapters import ExitAdapterTrainingArguments
 
     try:
-        options, adapter_args = dataclasses_from(args, [TrainDraftArguments, ExitAdapterTrainingArguments])
+        options, adapter_args, progress = dataclasses_from(
+            args, [TrainDraftArguments, ExitAdapterTrainingArguments, ProgressArguments]
+        )
     except ValueError as error:
         raise SystemExit(f"hf-layerskip train-draft: {error}") from None
-    report = train_draft(options, adapter_args)
+    report = train_draft(options, adapter_args, progress=not progress.no_progress)
     print(json.dumps(report, indent=2))
     print(options.output_dir, flush=True)
     return 0
 
 
-def train_draft(options: TrainDraftArguments, adapter_args) -> dict:
+def train_draft(options: TrainDraftArguments, adapter_args, progress: bool = True) -> dict:
     """Runs the stages above and saves the checkpoint; returns the report."""
     import torch
     from safetensors.torch import load_file, save_file
@@ -139,7 +140,6 @@ def train_draft(options: TrainDraftArguments, adapter_args) -> dict:
     source = options.model or base_checkpoint()
     output_dir = Path(options.output_dir)
     work_dir = Path(options.work_dir) if options.work_dir else output_dir / "work"
-    progress = not options.no_progress
     model = LayerSkipLlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
     model = model.to(resolve_device(options.device)).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source)

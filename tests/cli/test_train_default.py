@@ -23,9 +23,10 @@ def test_train_default_runs_train_draft_with_the_shipped_settings(tmp_path, monk
     (shipped / SETTINGS_FILE_NAME).write_text(json.dumps(settings))
     monkeypatch.setattr("hf_layerskip.defaults.DEFAULT_DRAFT_HEAD_DIR", shipped)
     calls = []
-    monkeypatch.setattr(train_draft, "train_draft", lambda *args: calls.append(args))
-    assert main(["train-default", "--work-dir", str(tmp_path / "work")]) == 0
-    ((options, adapter_args),) = calls
+    monkeypatch.setattr(train_draft, "train_draft", lambda *args, progress: calls.append((*args, progress)))
+    assert main(["train-default", "--work-dir", str(tmp_path / "work"), "--no-progress"]) == 0
+    ((options, adapter_args, progress),) = calls
+    assert progress is False
     assert list(options.exit_layers) == [4, 6] and options.draft_vocab_size == 2048
     assert (options.exit_layer, options.num_speculations, options.assistant_confidence_threshold) == (6, 5, 0.4)
     assert options.export_dir == str(tmp_path / "work" / "draft_head")

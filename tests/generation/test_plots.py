@@ -28,3 +28,15 @@ def test_layer_curves_overlay_two_models(tmp_path):
     before = [LayerQuality(n, 100.0 / n, n / 4, 50) for n in range(1, 5)]
     after = [LayerQuality(n, 20.0 / n, min(1.0, n / 3), 50) for n in range(1, 5)]
     assert_png(plot_layer_quality({"before": before, "after": after}, tmp_path / "layers.png"))
+
+
+def test_layer_curves_mark_the_exits_the_draft_head_moves(tmp_path):
+    from hf_layerskip.generation.layer_quality import ExitAgreement
+
+    def draft(agreeing: int) -> ExitAgreement:
+        return ExitAgreement(positions=100, agreeing=agreeing)
+
+    rows = [LayerQuality(n, 10.0, 0.1, 100, draft(50 if n == 2 else 10)) for n in range(1, 4)]
+    rows.append(LayerQuality(4, 2.0, 1.0, 100))
+    path = plot_layer_quality({"model": rows}, tmp_path / "layers.png")
+    assert_png(path)
