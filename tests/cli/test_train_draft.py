@@ -11,7 +11,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "generation"))
 from measure_helpers import save_tiny_checkpoint  # noqa: E402
 
-import hf_layerskip.cli.train_draft as train_draft  # noqa: E402
 import hf_layerskip.trainer.exit_adapters as exit_adapters  # noqa: E402
 import hf_layerskip.trainer.self_distillation as self_distillation  # noqa: E402
 from hf_layerskip import LayerSkipLlamaForCausalLM  # noqa: E402

@@ -5,7 +5,6 @@ model trained plainly, at a last-layer loss within 10% of the plain run's. (benc
 import importlib.util
 from pathlib import Path
 
-import pytest
 
 BENCHMARK = Path(__file__).resolve().parents[2] / "benchmarks" / "recipe_effect.py"
 

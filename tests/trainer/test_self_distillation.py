@@ -5,7 +5,6 @@ import json
 import re
 
 import pytest
-import torch
 from trainer_helpers import char_tokenizer, tiny_checkpoint
 
 from hf_layerskip.generation import load_humaneval
