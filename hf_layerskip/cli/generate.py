@@ -1,4 +1,5 @@
-"""`hf-layerskip generate PROMPT`: stream a completion with the full model, an early exit, or self-speculation."""
+"""`hf-layerskip generate PROMPT [PROMPT ...]`: stream a completion with the full model, an early exit, or
+self-speculation; several prompts decode as one left-padded batch."""
 
 import argparse
 import sys
@@ -65,11 +66,14 @@ def add_parser(subparsers) -> None:
         description=(
             "Stream a completion of PROMPT to stdout, then print the speed (tokens/s) and, for self-speculative "
             "decoding, the draft statistics to stderr. Decodes with the full model unless --early-exit or "
-            "--assistant-early-exit is given."
+            "--assistant-early-exit is given. Several prompts decode together as one left-padded batch; their "
+            "completions are printed in order once all are done, and the speed counts every row's new tokens."
         ),
     )
     # Positional, so not a dataclass field.
-    parser.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads it from stdin")
+    parser.add_argument(
+        "prompt", metavar="PROMPT", nargs="+", help="the prompt, or several for one batch; '-' reads one from stdin"
+    )
     parser.set_defaults(run=run)
 
 
@@ -82,13 +86,18 @@ def _check_arguments(options: GenerateArguments) -> None:
         raise SystemExit("hf-layerskip generate: --temperature, --top-p and --seed need --do-sample")
 
 
-def encode_prompt(tokenizer, prompt: str, use_chat_template: bool) -> dict:
-    """`input_ids` and `attention_mask` `(1, prompt_length)`; a single user turn when a chat template is used."""
+def encode_prompts(tokenizer, prompts: list[str], use_chat_template: bool) -> dict:
+    """`input_ids` and `attention_mask` `(len(prompts), prompt_length)`, left-padded; each prompt a single user turn
+    when a chat template is used."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
     if use_chat_template and tokenizer.chat_template:
+        conversations = [[{"role": "user", "content": prompt}] for prompt in prompts]
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+            conversations, add_generation_prompt=True, return_dict=True, return_tensors="pt", padding=True
         )
-    return tokenizer(prompt, return_tensors="pt")
+    return tokenizer(prompts, return_tensors="pt", padding=True)
 
 
 def load_checkpoint(model_path, dtype: torch.dtype, device: str):
@@ -110,6 +119,8 @@ def load_checkpoint(model_path, dtype: torch.dtype, device: str):
 def run(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
+    from ..generation.throughput import cut_at_eos, eos_token_ids
+
     (options,) = dataclasses_from(args, [GenerateArguments])
     _check_arguments(options)
     if options.model is None:
@@ -118,8 +129,8 @@ def run(args: argparse.Namespace) -> int:
         options.model = default_checkpoint()
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_checkpoint(options.model, DTYPES[options.dtype], device)
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    inputs = encode_prompt(tokenizer, prompt, use_chat_template=not options.no_chat_template).to(device)
+    prompts = [sys.stdin.read() if prompt == "-" else prompt for prompt in args.prompt]
+    inputs = encode_prompts(tokenizer, prompts, use_chat_template=not options.no_chat_template).to(device)
 
     generate_kwargs = dict(max_new_tokens=options.max_new_tokens, do_sample=options.do_sample)
     if options.do_sample:
@@ -134,17 +145,24 @@ def run(args: argparse.Namespace) -> int:
         generate_kwargs["assistant_early_exit"] = options.assistant_early_exit
         if options.num_speculations is not None:
             generate_kwargs["num_assistant_tokens"] = options.num_speculations
-    if tokenizer.pad_token_id is None and model.generation_config.pad_token_id is None:
-        generate_kwargs["pad_token_id"] = tokenizer.eos_token_id
+    if model.generation_config.pad_token_id is None:
+        generate_kwargs["pad_token_id"] = tokenizer.pad_token_id
 
-    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    # transformers' text streamers take one sequence: a batch is printed once it is done.
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True) if len(prompts) == 1 else None
     start = time.perf_counter()
     with torch.inference_mode():
         sequences = model.generate(**inputs, streamer=streamer, **generate_kwargs)
     seconds = time.perf_counter() - start
+    eos_ids = eos_token_ids(model.generation_config)
+    completions = [cut_at_eos(row, eos_ids) for row in sequences[:, inputs["input_ids"].shape[1] :].cpu()]
+    if streamer is None:
+        for number, completion in enumerate(completions, 1):
+            print(f"=== completion {number} of {len(prompts)} ===")
+            print(tokenizer.decode(completion, skip_special_tokens=True))
     sys.stdout.flush()
 
-    new_tokens = sequences.shape[1] - inputs["input_ids"].shape[1]
+    new_tokens = sum(len(completion) for completion in completions)
     print(_describe_mode(options, model), file=sys.stderr)
     print(f"{new_tokens} new tokens in {seconds:.2f} s: {new_tokens / seconds:.1f} tokens/s", file=sys.stderr)
     if options.assistant_early_exit is not None:

@@ -206,12 +206,20 @@ def summarize(
     )
 
 
-def _cell(value, digits: int = 2) -> str:
+def format_cell(value, digits: int = 2) -> str:
+    """A table cell: "–" for a missing value, floats to `digits` decimals."""
     if value is None:
         return "–"
     if isinstance(value, float):
         return f"{value:.{digits}f}"
     return str(value)
+
+
+def format_table(header: str, rows: list[list[str]]) -> str:
+    """A markdown table: the header line `| a | b |`, its separator, and one line per row of cells."""
+    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
 
 
 def markdown_table(summaries: list[StrategySummary]) -> str:
@@ -220,22 +228,22 @@ def markdown_table(summaries: list[StrategySummary]) -> str:
         "| strategy | tok/s mean | tok/s median | ms/token | speedup | acceptance | tokens/round | peak mem MiB "
         "| ROUGE-L | mismatches |"
     )
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for s in summaries:
-        cells = [
+    rows = [
+        [
             s.strategy,
-            _cell(s.tokens_per_s_mean),
-            _cell(s.tokens_per_s_median),
-            _cell(s.ms_per_token, 1),
-            _cell(s.speedup),
-            _cell(s.acceptance_rate, 3),
-            _cell(s.tokens_per_round),
-            _cell(s.peak_memory_mib, 1),
-            _cell(s.rouge_l, 3),
+            format_cell(s.tokens_per_s_mean),
+            format_cell(s.tokens_per_s_median),
+            format_cell(s.ms_per_token, 1),
+            format_cell(s.speedup),
+            format_cell(s.acceptance_rate, 3),
+            format_cell(s.tokens_per_round),
+            format_cell(s.peak_memory_mib, 1),
+            format_cell(s.rouge_l, 3),
             f"{s.mismatches}/{s.prompts}",
         ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        for s in summaries
+    ]
+    return format_table(header, rows)
 
 
 @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""PNG plots of sweeps and layer-quality curves.
+"""PNG plots of sweeps, layer-quality curves and batched throughput.
 
 Figures are built with `matplotlib.figure.Figure` and rendered by the Agg canvas: no display is needed, and the
 global pyplot backend of the caller is left alone.
@@ -85,6 +85,29 @@ def plot_layer_quality(
         axes.grid(alpha=0.3)
         axes.legend()
     figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    return Path(path)
+
+
+def plot_throughput(
+    tokens_per_s: dict[str, dict[int, float]],
+    path: str | Path,
+    title: str = "Greedy decoding throughput against batch size",
+) -> Path:
+    """Tokens/s `tokens_per_s[strategy][batch_size]` against the batch size (log 2 axis), one line per strategy."""
+    figure = Figure(figsize=(6.5, 4))
+    axes = figure.subplots()
+    for strategy, by_batch_size in tokens_per_s.items():
+        batch_sizes = sorted(by_batch_size)
+        axes.plot(batch_sizes, [by_batch_size[b] for b in batch_sizes], marker="o", label=strategy)
+    batch_sizes = sorted({b for by_batch_size in tokens_per_s.values() for b in by_batch_size})
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(batch_sizes, [str(b) for b in batch_sizes])
+    axes.set(xlabel="batch size B", ylabel="new tokens/s", ylim=(0, None))
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     return Path(path)

@@ -26,7 +26,7 @@ import torch
 from transformers import GenerationConfig
 from transformers.cache_utils import DynamicCache
 
-from ..modeling.self_speculative import SelfSpeculativeDecoder, full_model_scores
+from ..modeling.self_speculative import SelfSpeculativeDecoder
 
 
 def expected_tokens_per_round(acceptance: float, num_speculations: int) -> float:
@@ -102,25 +102,25 @@ def measure_step_costs(
     )
     cache = DynamicCache(config=model.config)
     decoder = SelfSpeculativeDecoder(model, config, None, input_ids, cache, None)
-    decoder.prefill(prompt_length)  # every layer holds the prompt but its last token
-    last_token = input_ids[:, -1:]  # (1, 1)
-    candidates = []
+    decoder.prefill()  # every layer holds the prompt but its last token
+    decoder.open_slots(num_speculations + 1)
+    last_token = input_ids[:, -1]  # (1,)
+    num_drafted = []
 
     def full():
-        model(input_ids=last_token, cache=cache, use_cache=True)
-        decoder.keep(prompt_length)
+        model(input_ids=last_token[:, None], cache=cache, use_cache=True)
+        decoder.rewind()
 
     def draft():
-        decoder.draft_step(prompt_length)
-        decoder.keep(prompt_length)
+        decoder.draft_step(last_token)
+        decoder.rewind()
 
     def draft_round():
-        candidates[:] = [decoder.draft(prompt_length)[0]]
+        num_drafted[:] = [decoder.draft()[0]]
 
     def verify():
-        final_hidden = decoder.verify(candidates[0])
-        full_model_scores(model, final_hidden, candidates[0], prompt_length, None)
-        decoder.keep(prompt_length)
+        model.exit_logits(decoder.verify(num_drafted[0])).float()
+        decoder.rewind()
 
     device = input_ids.device
     return StepCosts(

@@ -163,10 +163,10 @@ class StrategyRunner:
 
         sequences = output.sequences if strategy.kind == "self_speculative" else output
         record = GenerationRecord(sequences[0, input_ids.shape[1] :].cpu(), seconds)
-        if strategy.kind == "self_speculative":
-            record.rounds, record.drafted_tokens = output.rounds, output.drafted_tokens
-            record.accepted_tokens, record.from_draft = output.accepted_tokens, output.from_draft.cpu()
-            record.draft_steps = output.draft_steps
+        if strategy.kind == "self_speculative":  # the counts of the one row
+            record.rounds, record.drafted_tokens = int(output.rounds[0]), int(output.drafted_tokens[0])
+            record.accepted_tokens, record.from_draft = int(output.accepted_tokens[0]), output.from_draft[0].cpu()
+            record.draft_steps = int(output.draft_steps[0])
         elif strategy.kind == "builtin":
             counter = self._builtin_counter
             record.rounds, record.drafted_tokens = counter.rounds, counter.drafted_tokens

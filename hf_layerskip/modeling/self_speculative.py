@@ -1,30 +1,39 @@
-"""Self-speculative decoding (LayerSkip, arXiv 2404.16710, section 5) over one shared KV cache.
+"""Self-speculative decoding (LayerSkip, arXiv 2404.16710, section 5) over one shared KV cache, for a batch.
 
 Each round drafts up to `d` tokens with layers `0..E-1` and the model's own final norm and LM head, then
 verifies them with layers `E..L-1` only:
 
 - **prefill**: every layer processes the prompt but its last token;
-- **draft**: layers `0..E-1` process one token at a time, writing their KV entries into *the* cache and keeping
-  their outputs (the exit-query cache);
+- **draft**: layers `0..E-1` process one token per row at a time, writing their KV entries into *the* cache and
+  keeping their outputs (the exit-query cache);
 - **verify**: layers `0..E-1` process only the last draft token; layers `E..L-1` process the exit-query cache
   plus that token, in one pass. Nothing is computed twice;
-- **accept**: the longest prefix the full model agrees with (greedy) or keeps (speculative sampling), plus one
-  token of the full model; every cache layer is cropped to the accepted length.
+- **accept**: per row, the longest prefix the full model agrees with (greedy) or keeps (speculative sampling), plus
+  one token of the full model.
 
-Between rounds every cache layer holds all tokens but the last one. Greedy output equals plain greedy decoding
-token for token; sampling is exact speculative sampling. This file travels with saved checkpoints as remote code.
+Rows draft and verify together but accept different numbers of tokens. The cache keeps the longest row's accepted
+positions; the others' rejected drafts stay behind as holes that the attention mask hides, and the cache is
+compacted when holes make up half of it. Finished rows leave the batch. Between rounds every cache layer holds all of
+a row's tokens but the last one. Greedy output equals plain greedy decoding token for token, row by row; sampling is
+exact speculative sampling. This file travels with saved checkpoints as remote code.
 """
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.configuration_utils import GenerationMode
+from transformers.generation.logits_process import LogitsProcessorList, PrefixConstrainedLogitsProcessor
+from transformers.generation.stopping_criteria import MaxLengthCriteria, MaxTimeCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
 # Rotary types whose frequencies depend on how long the sequence is so far: their tables cannot be built up front.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+# A batch's cache is compacted once this fraction of its slots, and at least this many, are holes in every row.
+_COMPACT_AT_HOLE_FRACTION = 0.5
+_MIN_SLOTS_TO_COMPACT = 32
 
 
 def acceptance_rate(accepted_tokens: int, drafted_tokens: int) -> float:
@@ -35,16 +44,14 @@ def acceptance_rate(accepted_tokens: int, drafted_tokens: int) -> float:
 
 @dataclass
 class SpeculationStats:
-    """Counts of one self-speculative `generate` call."""
+    """Counts of one self-speculative `generate` call, summed over the rows of the batch."""
 
+    # Draft-and-verify rounds of the batch.
     rounds: int = 0
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     # Passes through layers 0..E-1 and the draft's exit; more than `drafted_tokens` where a withheld draft's step ran.
     draft_steps: int = 0
-    # Per new token: True where the early exit drafted it and the full model accepted it, False where the full
-    # model's verification produced it.
-    from_draft: list[bool] = field(default_factory=list)
 
     @property
     def acceptance_rate(self) -> float:
@@ -52,23 +59,48 @@ class SpeculationStats:
         return acceptance_rate(self.accepted_tokens, self.drafted_tokens)
 
 
+class RowCounts:
+    """Per-row counts of one call, each `(batch_size,)`; `from_draft` holds, per row, for each new token whether the
+    early exit drafted it and the full model accepted it (else verification produced it)."""
+
+    def __init__(self, batch_size: int):
+        self.rounds = torch.zeros(batch_size, dtype=torch.long)
+        self.drafted_tokens, self.draft_steps, self.accepted_tokens = (torch.zeros_like(self.rounds) for _ in range(3))
+        self.from_draft: list[list[bool]] = [[] for _ in range(batch_size)]
+        self.batch_rounds = 0
+
+    def add_round(self, rows: list[int], num_drafted: int, num_draft_steps: int) -> None:
+        """A round of the batch in which `rows` took part."""
+        self.batch_rounds += 1
+        self.rounds[rows] += 1
+        self.drafted_tokens[rows] += num_drafted
+        self.draft_steps[rows] += num_draft_steps
+
+    def totals(self) -> SpeculationStats:
+        return SpeculationStats(
+            self.batch_rounds, int(self.drafted_tokens.sum()), int(self.accepted_tokens.sum()), int(self.draft_steps.sum())
+        )
+
+
 @dataclass
 class SelfSpeculativeOutput(GenerateDecoderOnlyOutput):
     r"""
-    A [`GenerateDecoderOnlyOutput`] plus the speculation counts.
+    A [`GenerateDecoderOnlyOutput`] plus the speculation counts, per row.
 
-    rounds (`int`): draft-and-verify rounds. drafted_tokens (`int`): tokens drafted by the early exit.
-    draft_steps (`int`): draft passes, those of withheld (unconfident) drafts included.
-    accepted_tokens (`int`): drafted tokens the full model accepted. acceptance_rate (`float`): their ratio.
-    from_draft (`torch.BoolTensor` of shape `(new_tokens,)`): which new tokens are accepted drafts (the rest come
-    from verification).
+    rounds (`torch.LongTensor` of shape `(batch_size,)`): draft-and-verify rounds each row took part in.
+    drafted_tokens (`torch.LongTensor` of shape `(batch_size,)`): tokens drafted by the early exit.
+    draft_steps (`torch.LongTensor` of shape `(batch_size,)`): draft passes, those of withheld (unconfident) drafts
+    included. accepted_tokens (`torch.LongTensor` of shape `(batch_size,)`): drafted tokens the full model accepted.
+    acceptance_rate (`torch.FloatTensor` of shape `(batch_size,)`): their ratio.
+    from_draft (`torch.BoolTensor` of shape `(batch_size, new_tokens)`): which new tokens are accepted drafts (the
+    rest come from verification, or are padding after a row's end).
     """
 
-    rounds: int | None = None
-    drafted_tokens: int | None = None
-    draft_steps: int | None = None
-    accepted_tokens: int | None = None
-    acceptance_rate: float | None = None
+    rounds: torch.LongTensor | None = None
+    drafted_tokens: torch.LongTensor | None = None
+    draft_steps: torch.LongTensor | None = None
+    accepted_tokens: torch.LongTensor | None = None
+    acceptance_rate: torch.FloatTensor | None = None
     from_draft: torch.BoolTensor | None = None
 
 
@@ -115,6 +147,45 @@ def validate_self_speculative_request(model, generation_mode, generation_config,
         )
 
 
+def validate_batch_request(
+    batch_size: int, generation_config, logits_processor, stopping_criteria, streamer, attention_mask
+) -> None:
+    """Raises a `ValueError` for what a batch (or its padding) does not support."""
+    if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+        raise ValueError(
+            "Self-speculative decoding needs left padding: every row's last prompt token must be a real token "
+            "(attention_mask[:, -1] == 1); set `tokenizer.padding_side = 'left'`."
+        )
+    if batch_size == 1:
+        return
+    record = generation_config.return_dict_in_generate
+    unsupported = {
+        "streamer": streamer is not None,
+        # Plain decoding's per-step tensors cover finished rows too, with scores of the padding it feeds them.
+        "output_scores": record and bool(generation_config.output_scores),
+        "output_logits": record and bool(generation_config.output_logits),
+        "output_hidden_states": record and bool(generation_config.output_hidden_states),
+        # Its function is called with the row's index in the batch, which per-row processing does not keep.
+        "prefix_allowed_tokens_fn": any(isinstance(p, PrefixConstrainedLogitsProcessor) for p in logits_processor),
+    }
+    for name, is_set in unsupported.items():
+        if is_set:
+            raise ValueError(
+                f"`{name}` is not supported with batched self-speculative decoding (batch size {batch_size}); "
+                "decode one sequence per call to use it."
+            )
+    # Without an eos token, plain decoding keeps generating for rows that a criterion has stopped until every row has
+    # stopped; rows that stop one by one are padded only when there is one.
+    has_eos = any(hasattr(criterion, "eos_token_id") for criterion in stopping_criteria)
+    row_stoppers = [c for c in stopping_criteria if not isinstance(c, (MaxLengthCriteria, MaxTimeCriteria))]
+    if not has_eos and row_stoppers:
+        names = sorted({type(c).__name__ for c in row_stoppers})
+        raise ValueError(
+            f"Batched self-speculative decoding stops rows with {names} only when an eos token is set (finished rows "
+            f"are then padded as plain decoding pads them); set `eos_token_id`, or decode one sequence per call."
+        )
+
+
 def crop_cache(cache: DynamicCache, length: int) -> None:
     """Crops every cache layer to its first `length` positions (layers may hold different lengths)."""
     for layer in cache.layers:
@@ -124,22 +195,69 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
 
 
 def _select(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
-    """Next token from processed scores `(1, vocab_size)` -> `(1,)`."""
+    """Next token per row from processed scores `(rows, vocab_size)` -> `(rows,)`."""
     if do_sample:
         return torch.multinomial(scores.softmax(dim=-1), num_samples=1)[:, 0]
     return scores.argmax(dim=-1)
 
 
+# Logits-processor settings that hold one entry per row of the batch, as `generate` builds them.
+_PER_ROW_PROCESSOR_SETTINGS = (
+    "prompt_ignore_length",  # the repetition penalty's padding lengths `(batch_size,)`
+    "encoder_input_ids",  # the encoder repetition penalty's prompts `(batch_size, prompt_length)`
+)
+
+
+def per_row_processors(logits_processor, batch_size: int) -> list:
+    """One logits-processor list per row, for calls on that row alone: settings held per row of the batch are cut
+    to the row."""
+    if batch_size == 1 or not logits_processor:
+        return [logits_processor] * batch_size
+    lists = []
+    for row in range(batch_size):
+        processors = []
+        for processor in logits_processor:
+            per_row = {
+                name: value[row : row + 1]
+                for name in _PER_ROW_PROCESSOR_SETTINGS
+                if isinstance(value := getattr(processor, name, None), torch.Tensor) and len(value) == batch_size
+            }
+            if per_row:
+                processor = copy.copy(processor)
+                processor.__dict__.update(per_row)
+            processors.append(processor)
+        lists.append(LogitsProcessorList(processors))
+    return lists
+
+
+def process_scores(logits_processor, row_tokens: torch.LongTensor, length: int, scores: torch.Tensor) -> torch.Tensor:
+    """One row's processed scores `(n, vocab_size)`: row `i` of the raw `scores` predicts the token after
+    `row_tokens[:, : length + i]` `(1, ...)`, and is processed as plain decoding processes that step."""
+    if not logits_processor:
+        return scores
+    return torch.cat([logits_processor(row_tokens[:, : length + i], scores[i : i + 1]) for i in range(len(scores))])
+
+
 class SelfSpeculativeDecoder:
-    """One sequence's self-speculative decoding: the tokens, the shared KV cache, the draft and the exit-query cache.
+    """A batch's self-speculative decoding: the tokens, the shared KV cache, the draft and the exit-query cache.
 
-    `tokens` `(1, max_length)` holds the accepted tokens, then the current draft; slices of it serve as `input_ids`,
-    so nothing is concatenated per token. Positions, rotary tables and the padding mask are built once for every
-    position the call can reach. `exit_query_cache` `(1, num_drafted, hidden_size)` holds the exit layer's outputs for
-    the drafted positions, which layers `E..L-1` have not processed yet; `verify` consumes it.
+    Two coordinate systems:
 
-    With `output_hidden_states`, `layer_outputs` keeps each layer's outputs, in pieces, for the positions from
-    `recorded_from` on; `take_hidden_states` turns the accepted ones into what plain decoding returns.
+    - a row's **sequence**: `tokens` `(batch_size, max_length)` holds each row's (left-padded) prompt, its accepted
+      tokens, then its current draft; slices of it serve as `input_ids`. `lengths` `(num_active,)` counts each active
+      row's tokens; the last one, the *pending* token, no layer has processed yet;
+    - the cache's **slots**, shared by the batch: each round appends the same slots to every active row, and since
+      rows accept different numbers of drafts, a row's rejected drafts stay behind as holes. `slot_mask`
+      `(num_active, capacity)` hides padding and holes from attention (`None` for one unpadded row, which has none);
+      `slot_positions` holds each slot's position in its row (what the rotary embedding sees). `filled` slots are in
+      the cache; the pending tokens go to slot `filled`.
+
+    With one row, slots and sequence indices coincide. `rows` `(num_active,)` maps active rows to batch rows; finished
+    rows leave. `exit_query_cache` `(num_active, num_draft_steps, hidden_size)` holds the exit layer's outputs of the
+    round's slots, which layers `E..L-1` have not processed yet; `verify` consumes it.
+
+    With `output_hidden_states` (one row only), `layer_outputs` keeps each layer's outputs, in pieces, for the
+    positions from `recorded_from` on; `take_hidden_states` turns the accepted ones into what plain decoding returns.
     """
 
     def __init__(self, model, generation_config, logits_processor, input_ids, cache: DynamicCache, attention_mask):
@@ -149,9 +267,10 @@ class SelfSpeculativeDecoder:
         self.num_speculations = generation_config.num_assistant_tokens
         self.confidence_threshold = generation_config.assistant_confidence_threshold or 0.0
         eos = getattr(generation_config, "_eos_token_tensor", None)  # set by `generate`
-        self.eos_token_ids = set() if eos is None else set(eos.flatten().tolist())
+        self.eos_token_ids = None if eos is None else eos.flatten().to(input_ids.device)
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor
+        self.row_processors = per_row_processors(logits_processor, input_ids.shape[0])  # indexed by batch row
         self.cache = cache
         self.exit_query_cache: torch.Tensor | None = None
         record = generation_config.return_dict_in_generate and generation_config.output_hidden_states
@@ -161,40 +280,56 @@ class SelfSpeculativeDecoder:
         selected = selected_hidden_states(generation_config.output_hidden_states)
         self.selected_hidden_states = None if selected is None else resolve_hidden_states_indices(model.model, selected)
 
-        prompt_length, max_length = input_ids.shape[1], generation_config.max_length
-        self.tokens = input_ids.new_zeros((1, max_length))  # `generate` has checked that the prompt is shorter
+        batch_size, prompt_length = input_ids.shape
+        device, self.max_length = input_ids.device, generation_config.max_length
+        self.batch_size = batch_size
+        self.tokens = input_ids.new_zeros((batch_size, self.max_length))  # `generate` checked the prompt is shorter
         self.tokens[:, :prompt_length] = input_ids
-        if attention_mask is None:
-            self.padding_mask = None  # nothing is padded: causal masking alone
-            self.position_ids = torch.arange(max_length, device=input_ids.device)[None]
-        else:
-            generated = attention_mask.new_ones((1, max_length - prompt_length))
-            self.padding_mask = torch.cat([attention_mask, generated], dim=1)  # (1, max_length)
+        self.rows = torch.arange(batch_size, device=device)
+        self.lengths = torch.full((batch_size,), prompt_length, device=device)
+        self.sequence_lengths = self.lengths.clone()  # (batch_size,): final once a row has left
+        if attention_mask is None and batch_size > 1:
+            attention_mask = torch.ones_like(input_ids)
+        capacity = self.max_length
+        self.slot_positions = torch.arange(capacity, device=device).repeat(batch_size, 1)
+        self.slot_mask = None  # nothing is padded: causal masking alone
+        if attention_mask is not None:
             # As `generate` numbers them: 0, 1, ... over the real tokens, 0 at padding.
-            self.position_ids = (self.padding_mask.long().cumsum(-1) - 1).masked_fill(self.padding_mask == 0, 0)
+            prompt_positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+            self.slot_positions[:, :prompt_length] = prompt_positions
+            self.slot_mask = torch.zeros((batch_size, capacity), dtype=torch.bool, device=device)
+            self.slot_mask[:, :prompt_length] = attention_mask.bool()
+        self.next_positions = self.slot_positions[:, prompt_length - 1].clone()  # (num_active,): of the pending tokens
+        self.filled = 0
         rotary = model.model.rotary_emb
-        self.rotary_tables = None  # cos and sin, each (1, max_length, head_dim)
+        self.rotary_tables = None  # cos and sin, each (max_length, head_dim), indexed by position
         if not any(kind in str(rotary.rope_type) for kind in _LENGTH_DEPENDENT_ROPE):
-            self.rotary_tables = rotary(model.model.embed_tokens.weight, self.position_ids)
+            all_positions = torch.arange(self.max_length, device=device)[None]
+            self.rotary_tables = tuple(table[0] for table in rotary(model.model.embed_tokens.weight, all_positions))
+
+    @property
+    def num_active(self) -> int:
+        return len(self.rows)
 
     def run_layers(self, hidden_states: torch.Tensor, first_layer: int, end_layer: int) -> torch.Tensor:
-        """[`LayerSkipLlamaModel.run_layers`] on the positions right after those the cache of `first_layer` holds.
+        """[`LayerSkipLlamaModel.run_layers`] on the slots right after those the cache of `first_layer` holds.
 
-        `hidden_states` `(1, query_length, hidden_size)` is the input of `first_layer`; returns the output of
+        `hidden_states` `(num_active, query_length, hidden_size)` is the input of `first_layer`; returns the output of
         `end_layer - 1`, same shape. Records each layer's output with `output_hidden_states`.
         """
         start = self.cache.get_seq_length(first_layer)
         end = start + hidden_states.shape[1]
+        position_ids = self.slot_positions[:, start:end]
         position_embeddings = None
         if self.rotary_tables is not None:
-            position_embeddings = tuple(table[:, start:end] for table in self.rotary_tables)
+            position_embeddings = tuple(table[position_ids] for table in self.rotary_tables)
         outputs = None if self.layer_outputs is None else []
         hidden_states = self.model.model.run_layers(
             hidden_states,
             first_layer,
             end_layer,
-            self.position_ids[:, start:end],
-            None if self.padding_mask is None else self.padding_mask[:, :end],
+            position_ids,
+            None if self.slot_mask is None else self.slot_mask[:, :end],
             self.cache,
             layer_outputs=outputs,
             position_embeddings=position_embeddings,
@@ -204,7 +339,7 @@ class SelfSpeculativeDecoder:
                 self.layer_outputs[layer].append(output)
         return hidden_states
 
-    def prefill(self, prompt_length: int) -> None:
+    def prefill(self) -> None:
         """Every layer processes the prompt but its last token, which the first draft step takes.
 
         The cache may already hold a prefix of the prompt (an earlier turn's returned cache): only the rest is run.
@@ -213,76 +348,105 @@ class SelfSpeculativeDecoder:
         cached = {self.cache.get_seq_length(layer) for layer in range(num_layers)}
         if len(cached) > 1:
             raise ValueError(f"Every cache layer must hold the same number of tokens, got {sorted(cached)}.")
+        prompt_length = int(self.lengths[0])
         # A cache holding the whole prompt gives back its last token, which the first draft step processes.
         crop_cache(self.cache, prompt_length - 1)
         start = self.recorded_from = self.cache.get_seq_length()
         if start < prompt_length - 1:
             self.run_layers(self.model.model.embed_tokens(self.tokens[:, start : prompt_length - 1]), 0, num_layers)
+        self.filled = prompt_length - 1
 
-    def draft_step(self, position: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token `position - 1` through layers `0..E-1` and the draft's exit.
+    def open_slots(self, count: int) -> None:
+        """Slots `filled..filled+count-1` take each row's pending token and its next `count - 1` draft tokens."""
+        start = self.filled
+        self._reserve(start + count)
+        self.slot_positions[:, start : start + count] = self.next_positions[:, None] + torch.arange(
+            count, device=self.rows.device
+        )
+        if self.slot_mask is not None:
+            self.slot_mask[:, start : start + count] = True
 
-        Returns the exit layer's output `(1, 1, hidden_size)` and the raw float scores `(1, vocab_size)` of the token
-        at `position`.
+    def draft_step(self, input_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token per active row `(num_active,)` through layers `0..E-1` and the draft's exit, at the next slot.
+
+        Returns the exit layer's output `(num_active, 1, hidden_size)` and the raw float scores
+        `(num_active, vocab_size)` of the token after it.
         """
-        hidden = self.model.model.embed_tokens(self.tokens[:, position - 1 : position])  # (1, 1, hidden_size)
+        hidden = self.model.model.embed_tokens(input_ids[:, None])  # (num_active, 1, hidden_size)
         hidden = self.run_layers(hidden, 0, self.exit_layer)
         return hidden, self.draft_exit(hidden[:, -1])
 
-    def draft(self, cur_len: int) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        """Drafts after `tokens[:, :cur_len]`, whose last token no layer has processed yet.
+    def draft(self) -> tuple[int, torch.Tensor | None]:
+        """Drafts after each active row's pending token, writing the drafts into `tokens` after it.
 
-        Returns the candidate ids `(1, cur_len + num_drafted)` (a view of `tokens`) and the processed draft scores
-        `(1, num_drafted, vocab_size)`, or `None` when nothing was drafted.
+        Every row drafts while any row still proposes: a row stops proposing at a token its exit is less confident of
+        than the threshold, or after drafting eos, but goes on drafting as long as the batch does (the step costs the
+        batch nothing more, and verification still judges every draft). A step at which no row proposes is withheld:
+        its token is not drafted, and verification goes on from its exit state, so no layer pass is lost.
+
+        Returns the number of drafted tokens `k` and the processed draft scores `(num_active, k, vocab_size)`, or
+        `None` when nothing was drafted.
         """
-        tokens = self.tokens
+        rows, lengths, tokens = self.rows, self.lengths, self.tokens
         # The full model's token after the draft also has to fit in `max_length`.
-        budget = min(self.num_speculations, tokens.shape[1] - cur_len - 1)
+        budget = max(min(self.num_speculations, self.max_length - int(lengths.max()) - 1), 0)
+        self.open_slots(budget + 1)
+        inputs = tokens[rows, lengths - 1]  # the pending tokens
+        proposing = torch.ones_like(rows, dtype=torch.bool)
         exit_states, draft_scores = [], []
-        for position in range(cur_len, cur_len + max(budget, 0)):
-            hidden, scores = self.draft_step(position)
+        for step in range(budget):
+            hidden, scores = self.draft_step(inputs)
             exit_states.append(hidden)
             if self.logits_processor:
-                scores = self.logits_processor(tokens[:, :position], scores)
-            # A token the exit is unsure of is not proposed. Its step is not lost: the exit state of the token before
-            # it stays in the exit-query cache, and verification goes on from there.
-            if self.confidence_threshold > 0 and scores.softmax(dim=-1).max() < self.confidence_threshold:
-                break
-            token = _select(scores, self.do_sample)
-            tokens[:, position] = token
+                scores = torch.cat(
+                    [
+                        process_scores(self.row_processors[row], tokens[row : row + 1], length + step, scores[i : i + 1])
+                        for i, (row, length) in enumerate(zip(rows.tolist(), lengths.tolist()))
+                    ]
+                )
+            if self.confidence_threshold > 0:
+                proposing &= scores.softmax(dim=-1).max(dim=-1).values >= self.confidence_threshold
+                if not proposing.any():
+                    break
+            inputs = _select(scores, self.do_sample)
+            tokens[rows, lengths + step] = inputs
             draft_scores.append(scores)
-            if self.eos_token_ids and int(token) in self.eos_token_ids:
-                break
+            if self.eos_token_ids is not None:
+                proposing &= ~torch.isin(inputs, self.eos_token_ids)
+                if not proposing.any():
+                    break
         if exit_states:
             self.exit_query_cache = torch.cat(exit_states, dim=1)
         else:
-            self.exit_query_cache = tokens.new_zeros((1, 0, self.model.config.hidden_size), dtype=self.model.dtype)
-        candidate_ids = tokens[:, : cur_len + len(draft_scores)]
-        return candidate_ids, torch.stack(draft_scores, dim=1) if draft_scores else None
+            self.exit_query_cache = tokens.new_zeros(
+                (self.num_active, 0, self.model.config.hidden_size), dtype=self.model.dtype
+            )
+        return len(draft_scores), torch.stack(draft_scores, dim=1) if draft_scores else None
 
-    def verify(self, candidate_ids: torch.LongTensor) -> torch.Tensor:
-        """The last layer's outputs `(1, num_drafted + 1, hidden_size)`, before the final norm, at the positions of the
-        last accepted token and the drafted ones.
+    def verify(self, num_drafted: int) -> torch.Tensor:
+        """The last layer's outputs `(num_active, num_drafted + 1, hidden_size)`, before the final norm, at the
+        slots of each row's pending token and its drafts.
 
-        Layers `0..E-1` run only on the last candidate token, unless a withheld draft step has already run them;
-        layers `E..L-1` run on the exit-query cache plus it.
+        Layers `0..E-1` run only on the last draft token, unless a withheld draft step has already run them; layers
+        `E..L-1` run on the exit-query cache plus it.
         """
         hidden = self.exit_query_cache
-        if self.cache.get_seq_length(0) < candidate_ids.shape[1]:
-            last = self.model.model.embed_tokens(candidate_ids[:, -1:])  # (1, 1, hidden_size)
-            hidden = torch.cat([hidden, self.run_layers(last, 0, self.exit_layer)], dim=1)
+        if self.cache.get_seq_length(0) < self.filled + num_drafted + 1:
+            last = self.tokens[self.rows, self.lengths - 1 + num_drafted]  # (num_active,)
+            hidden = torch.cat([hidden, self.run_layers(self.model.model.embed_tokens(last[:, None]), 0, self.exit_layer)], 1)
         self.exit_query_cache = None
-        return self.run_layers(hidden, self.exit_layer, len(self.model.model.layers))  # (1, num_drafted + 1, ...)
+        return self.run_layers(hidden, self.exit_layer, len(self.model.model.layers))
 
-    def take_hidden_states(self, cur_len: int, num_kept: int) -> list[tuple[torch.Tensor, ...]]:
-        """Plain decoding's `hidden_states` for the `num_kept` new tokens from position `cur_len` on, and forgets every
+    def take_hidden_states(self, num_kept: int) -> list[tuple[torch.Tensor, ...]]:
+        """Plain decoding's `hidden_states` for the one row's `num_kept` new tokens of this round, and forgets every
         recorded position up to them and beyond (rejected drafts).
 
         Per token, `num_hidden_layers + 1` tensors `(1, n, hidden_size)` at the position before it: the embeddings,
         then each layer's output, the last one normed (`None` where `output_hidden_states` does not select it). The
         call's first token also covers the prompt positions run here (n > 1), as plain decoding's first step does.
         """
-        start, end = self.recorded_from, cur_len + num_kept - 1
+        length = int(self.lengths[0])
+        start, end = self.recorded_from, length + num_kept - 1
         layers = [torch.cat(pieces, dim=1)[:, : end - start] for pieces in self.layer_outputs]
         layers[-1] = self.model.model.norm(layers[-1])
         states = [self.model.model.embed_tokens(self.tokens[:, start:end]), *layers]
@@ -291,28 +455,85 @@ class SelfSpeculativeDecoder:
         for pieces in self.layer_outputs:
             pieces.clear()
         self.recorded_from = end
-        bounds = [start, *range(cur_len, end + 1)]
+        bounds = [start, *range(length, end + 1)]
         return [
             tuple(None if state is None else state[:, a - start : b - start] for state in states)
             for a, b in zip(bounds, bounds[1:])
         ]
 
-    def keep(self, length: int) -> None:
-        """Keeps `tokens[:, :length]`: every cache layer holds all of them but the last, which the next draft takes."""
-        crop_cache(self.cache, length - 1)
+    def advance(self, num_kept: torch.LongTensor, finished: torch.BoolTensor) -> None:
+        """Each active row keeps `num_kept` `(num_active,)` new tokens (already in `tokens`); `finished` rows leave.
 
+        A row's pending token and its first `num_kept - 1` new tokens stay in the cache; the cache keeps the most any
+        remaining row keeps, and the rest of a row's round slots become holes.
+        """
+        start = self.filled
+        self.lengths = self.lengths + num_kept
+        self.next_positions = self.next_positions + num_kept
+        self.sequence_lengths[self.rows] = self.lengths
+        if bool(finished.all()):
+            crop_cache(self.cache, start + int(num_kept.max()))  # one row: its cache holds all its tokens but the last
+            self.rows = self.rows[:0]
+            return
+        if bool(finished.any()):
+            self._keep_rows((~finished).nonzero().squeeze(1))
+            num_kept = num_kept[~finished]
+        width = int(num_kept.max())
+        crop_cache(self.cache, start + width)
+        if self.slot_mask is not None:
+            self.slot_mask[:, start : start + width] = torch.arange(width, device=num_kept.device) < num_kept[:, None]
+        self.filled = start + width
+        if self.batch_size > 1:
+            self._compact_if_sparse()
 
-def full_model_scores(model, final_hidden, candidate_ids, cur_len, logits_processor):
-    """Raw and processed full-model scores `(num_drafted + 1, vocab_size)` for every verified position.
+    def rewind(self) -> None:
+        """Forgets the current round: every cache layer holds the `filled` slots again."""
+        crop_cache(self.cache, self.filled)
+        self.exit_query_cache = None
 
-    `final_hidden` `(1, num_drafted + 1, hidden_size)` comes from `verify`; row `i` predicts the token after
-    `candidate_ids[:, : cur_len + i]`.
-    """
-    raw = model.exit_logits(final_hidden[0]).float()
-    if not logits_processor:
-        return raw, raw
-    processed = [logits_processor(candidate_ids[:, : cur_len + i], raw[i : i + 1]) for i in range(len(raw))]
-    return raw, torch.cat(processed)
+    def _reserve(self, num_slots: int) -> None:
+        """Grows the slot arrays to hold at least `num_slots` slots."""
+        extra = num_slots - self.slot_positions.shape[1]
+        if extra <= 0:
+            return
+        extra = max(extra, self.slot_positions.shape[1])  # doubling keeps growth rare
+        self.slot_positions = torch.cat([self.slot_positions, self.slot_positions.new_zeros((self.num_active, extra))], 1)
+        if self.slot_mask is not None:
+            self.slot_mask = torch.cat([self.slot_mask, self.slot_mask.new_zeros((self.num_active, extra))], 1)
+
+    def _keep_rows(self, keep: torch.LongTensor) -> None:
+        """Only the active rows `keep` `(num_kept,)` go on: every per-row tensor and the cache are narrowed to them."""
+        for layer in self.cache.layers:
+            layer.batch_select_indices(keep)
+        self.rows, self.lengths, self.next_positions = self.rows[keep], self.lengths[keep], self.next_positions[keep]
+        self.slot_positions = self.slot_positions[keep]
+        if self.slot_mask is not None:
+            self.slot_mask = self.slot_mask[keep]
+
+    def _compact_if_sparse(self) -> None:
+        """Drops the slots that are holes (or padding) in every row once they are a large part of the cache: each
+        row's valid slots move, in order, to the right end of a narrower cache (left padding, as a padded prompt has)."""
+        valid = self.slot_mask[:, : self.filled]  # (num_active, filled)
+        counts = valid.sum(dim=-1)
+        width = int(counts.max())
+        if self.filled - width < max(_MIN_SLOTS_TO_COMPACT, _COMPACT_AT_HOLE_FRACTION * self.filled):
+            return
+        offsets = width - counts  # (num_active,): padding slots before each row's valid ones
+        row_index, slot_index = valid.nonzero(as_tuple=True)
+        destination = (valid.long().cumsum(dim=-1) - 1 + offsets[:, None])[row_index, slot_index]
+        source = torch.zeros((self.num_active, width), dtype=torch.long, device=valid.device)
+        source[row_index, destination] = slot_index
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                states = getattr(layer, name)  # (num_active, num_heads, filled, head_dim)
+                index = source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+                setattr(layer, name, states.gather(2, index))
+        capacity = self.slot_mask.shape[1]
+        positions = self.slot_positions.gather(1, source)
+        self.slot_positions = torch.cat([positions, positions.new_zeros((self.num_active, capacity - width))], 1)
+        slots = torch.arange(capacity, device=valid.device)
+        self.slot_mask = (slots >= offsets[:, None]) & (slots < width)
+        self.filled = width
 
 
 def accept_greedy(draft_tokens: torch.LongTensor, target_scores: torch.Tensor) -> tuple[int, torch.LongTensor]:
@@ -364,27 +585,15 @@ def accept_speculative_sampling(
     return num_accepted, torch.cat([draft_tokens[:num_accepted], next_token])
 
 
-def accept(model, final_hidden, candidate_ids, cur_len, draft_scores, logits_processor, do_sample: bool):
-    """Scores the verified positions and applies the acceptance rule.
 
-    Args:
-        final_hidden: `(1, num_drafted + 1, hidden_size)` from `verify`.
-        candidate_ids: `(1, cur_len + num_drafted)`. draft_scores: `(1, num_drafted, vocab_size)` or `None`.
-
-    Returns:
-        The number of draft tokens accepted, the new tokens `(accepted + 1,)`, and the raw and processed scores
-        `(num_drafted + 1, vocab_size)` of every verified position.
-    """
-    num_drafted = candidate_ids.shape[1] - cur_len
-    draft_tokens = candidate_ids[0, cur_len:]  # (num_drafted,)
-    # One head call for every position: reading the head's weights dominates, not the number of rows.
-    raw, processed = full_model_scores(model, final_hidden, candidate_ids, cur_len, logits_processor)
-    if do_sample:
-        draft_probs = draft_scores[0].softmax(dim=-1) if num_drafted else processed[:0]
-        num_accepted, new_tokens = accept_speculative_sampling(draft_tokens, draft_probs, processed.softmax(dim=-1))
-    else:
-        num_accepted, new_tokens = accept_greedy(draft_tokens, processed)
-    return num_accepted, new_tokens, raw, processed
+def accept(draft_tokens, draft_scores, target_scores, do_sample: bool) -> tuple[int, torch.LongTensor]:
+    """One row's acceptance rule: `draft_tokens` `(k,)`, processed `draft_scores` `(k, vocab_size)` (`None` when
+    `k == 0`) and `target_scores` `(k + 1, vocab_size)` of the full model. Returns the number of drafts accepted and
+    the new tokens `(accepted + 1,)`."""
+    if not do_sample:
+        return accept_greedy(draft_tokens, target_scores)
+    draft_probs = draft_scores.softmax(dim=-1) if draft_scores is not None else target_scores[:0]
+    return accept_speculative_sampling(draft_tokens, draft_probs, target_scores.softmax(dim=-1))
 
 
 def self_speculative_decoding(
@@ -403,13 +612,10 @@ def self_speculative_decoding(
 ):
     """The decoding loop behind `generate(assistant_early_exit=E)`; arguments as `GenerationMixin._assisted_decoding`.
 
-    Returns the sequences `(1, total_length)`, or a [`SelfSpeculativeOutput`] with `return_dict_in_generate=True`.
-    The counts are also kept on `model.speculation_stats`.
+    Returns the sequences `(batch_size, total_length)`, finished rows padded as plain decoding pads them, or a
+    [`SelfSpeculativeOutput`] with `return_dict_in_generate=True`. The call's totals are also kept on
+    `model.speculation_stats`.
     """
-    if input_ids.shape[0] != 1:
-        raise ValueError(
-            f"Self-speculative decoding supports batch size 1, got {input_ids.shape[0]}: call `generate` per sequence."
-        )
     if model_kwargs.get("inputs_embeds") is not None:
         raise ValueError("Self-speculative decoding needs `input_ids`; `inputs_embeds` is not supported.")
     if model_kwargs.get("exit_layer") is not None:
@@ -420,66 +626,95 @@ def self_speculative_decoding(
             "Self-speculative decoding needs a `DynamicCache` (use_cache=True and the default cache), got "
             f"{type(cache).__name__}."
         )
+    batch_size, prompt_length = input_ids.shape
+    attention_mask = model_kwargs.get("attention_mask")
+    validate_batch_request(batch_size, generation_config, logits_processor, stopping_criteria, streamer, attention_mask)
     do_sample = bool(generation_config.do_sample)
     output_scores = generation_config.return_dict_in_generate and generation_config.output_scores
     output_logits = generation_config.return_dict_in_generate and generation_config.output_logits
     scores, raw_logits = ([] if output_scores else None), ([] if output_logits else None)
-    stats = SpeculationStats()
+    counts = RowCounts(batch_size)
 
-    decoder = SelfSpeculativeDecoder(
-        model, generation_config, logits_processor, input_ids, cache, model_kwargs.get("attention_mask")
-    )
-    tokens, cur_len = decoder.tokens, input_ids.shape[1]
+    decoder = SelfSpeculativeDecoder(model, generation_config, logits_processor, input_ids, cache, attention_mask)
+    tokens = decoder.tokens
     hidden_states = [] if decoder.layer_outputs is not None else None
-    decoder.prefill(cur_len)
-    finished = False
-    while not finished:
-        candidate_ids, draft_scores = decoder.draft(cur_len)
-        stats.draft_steps += decoder.exit_query_cache.shape[1]
-        final_hidden = decoder.verify(candidate_ids)  # (1, num_drafted + 1, hidden_size)
-        num_accepted, new_tokens, raw, processed = accept(
-            model, final_hidden, candidate_ids, cur_len, draft_scores, logits_processor, do_sample
-        )
-        stats.rounds += 1
-        stats.drafted_tokens += candidate_ids.shape[1] - cur_len
-        stats.accepted_tokens += num_accepted
-        tokens[0, cur_len : cur_len + len(new_tokens)] = new_tokens
-
-        # Stop exactly where plain decoding would: after the first token any stopping criterion fires on. As in plain
-        # decoding, a criterion sees the tokens so far and the processed scores of every new token (`None` unless
-        # `output_scores`).
-        for num_kept in range(1, len(new_tokens) + 1):
-            if scores is not None:
-                scores.append(processed[num_kept - 1 : num_kept])
-            if stopping_criteria(tokens[:, : cur_len + num_kept], None if scores is None else tuple(scores)).any():
-                finished = True
-                break
-        if streamer is not None:
-            streamer.put(tokens[:, cur_len : cur_len + num_kept].cpu())
-        if raw_logits is not None:
-            raw_logits.extend(raw[i : i + 1] for i in range(num_kept))
-        if hidden_states is not None:
-            hidden_states.extend(decoder.take_hidden_states(cur_len, num_kept))
-        stats.from_draft.extend(position < num_accepted for position in range(num_kept))
-        cur_len += num_kept
-        decoder.keep(cur_len)
+    decoder.prefill()
+    while decoder.num_active:
+        num_drafted, draft_scores = decoder.draft()
+        draft_steps = decoder.exit_query_cache.shape[1]
+        final_hidden = decoder.verify(num_drafted)  # (num_active, num_drafted + 1, hidden_size)
+        # One head call for every row and position: reading the head's weights dominates, not the number of rows.
+        raw = model.exit_logits(final_hidden).float()
+        rows, lengths = decoder.rows.tolist(), decoder.lengths.tolist()
+        counts.add_round(rows, num_drafted, draft_steps)
+        num_kept, finished = torch.zeros_like(decoder.lengths), torch.zeros_like(decoder.rows, dtype=torch.bool)
+        for i, (row, length) in enumerate(zip(rows, lengths)):
+            row_tokens = tokens[row : row + 1]
+            processed = process_scores(decoder.row_processors[row], row_tokens, length, raw[i])
+            num_accepted, new_tokens = accept(
+                row_tokens[0, length : length + num_drafted],
+                None if draft_scores is None else draft_scores[i],
+                processed,
+                do_sample,
+            )
+            counts.accepted_tokens[row] += num_accepted
+            row_tokens[0, length : length + len(new_tokens)] = new_tokens
+            # Stop exactly where plain decoding would: after the first token any stopping criterion fires on. As in
+            # plain decoding, a criterion sees the tokens so far and the processed scores of every new token (`None`
+            # unless `output_scores`).
+            for kept in range(1, len(new_tokens) + 1):
+                if scores is not None:
+                    scores.append(processed[kept - 1 : kept])
+                if stopping_criteria(row_tokens[:, : length + kept], None if scores is None else tuple(scores)).any():
+                    finished[i] = True
+                    break
+            num_kept[i] = kept
+            counts.from_draft[row].extend(position < num_accepted for position in range(kept))
+            # What follows exists for one row only (`validate_batch_request`).
+            if streamer is not None:
+                streamer.put(row_tokens[:, length : length + kept].cpu())
+            if raw_logits is not None:
+                raw_logits.extend(raw[i, j : j + 1] for j in range(kept))
+            if hidden_states is not None:
+                hidden_states.extend(decoder.take_hidden_states(kept))
+        decoder.advance(num_kept, finished)
 
     if streamer is not None:
         streamer.end()
-    model.speculation_stats = stats
-    sequences = tokens[:, :cur_len].clone()
+    model.speculation_stats = counts.totals()
+    sequences = padded_sequences(tokens, decoder.sequence_lengths, generation_config._pad_token_tensor)
     if not generation_config.return_dict_in_generate:
         return sequences
+    new_length = sequences.shape[1] - prompt_length
+    from_draft = torch.zeros((batch_size, new_length), dtype=torch.bool)
+    for row, flags in enumerate(counts.from_draft):
+        from_draft[row, : len(flags)] = torch.tensor(flags, dtype=torch.bool)
     return SelfSpeculativeOutput(
         sequences=sequences,
         scores=tuple(scores) if scores is not None else None,
         logits=tuple(raw_logits) if raw_logits is not None else None,
         hidden_states=tuple(hidden_states) if hidden_states is not None else None,
-        cache=cache,
-        rounds=stats.rounds,
-        drafted_tokens=stats.drafted_tokens,
-        draft_steps=stats.draft_steps,
-        accepted_tokens=stats.accepted_tokens,
-        acceptance_rate=stats.acceptance_rate,
-        from_draft=torch.tensor(stats.from_draft, dtype=torch.bool),
+        # A batch's cache holds holes where rows rejected drafts: it does not continue as a plain cache would.
+        cache=cache if batch_size == 1 else None,
+        rounds=counts.rounds,
+        drafted_tokens=counts.drafted_tokens,
+        draft_steps=counts.draft_steps,
+        accepted_tokens=counts.accepted_tokens,
+        acceptance_rate=torch.tensor(
+            [acceptance_rate(a, d) for a, d in zip(counts.accepted_tokens.tolist(), counts.drafted_tokens.tolist())]
+        ),
+        from_draft=from_draft,
     )
+
+
+def padded_sequences(tokens: torch.LongTensor, lengths: torch.LongTensor, pad_token_id) -> torch.LongTensor:
+    """`tokens` `(batch_size, max_length)` cut to the longest of `lengths` `(batch_size,)`, each row padded after its
+    own length with `pad_token_id`, as plain batched decoding pads finished rows."""
+    longest = int(lengths.max())
+    sequences = tokens[:, :longest].clone()
+    short = torch.arange(longest, device=tokens.device) >= lengths[:, None]
+    if short.any():
+        if pad_token_id is None:
+            raise ValueError("Rows of the batch finished at different lengths: set `pad_token_id` to pad them.")
+        sequences[short] = pad_token_id.to(tokens.device)
+    return sequences

@@ -199,6 +199,30 @@ def test_generate_self_speculative_prints_draft_statistics(checkpoint, capsys):
     assert "draft with layers 1-2 of 6, 3 per round" in captured.err
 
 
+def test_generate_several_prompts_decodes_them_as_one_batch(checkpoint, capsys):
+    """Each printed completion is that prompt's own greedy completion, decoded alone."""
+    prompts = [PROMPT, "w5", "w7 w49 w3 w11 w13 w17"]
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = LayerSkipLlamaForCausalLM.from_pretrained(checkpoint).eval()
+    expected, total = [], 0
+    for prompt in prompts:
+        inputs = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
+        )
+        new_tokens = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)[
+            0, inputs["input_ids"].shape[1] :
+        ]
+        expected.append(tokenizer.decode(new_tokens, skip_special_tokens=True))
+        total += len(new_tokens)
+    for options in ([], ["--assistant-early-exit", "2", "--num-speculations", "3"]):
+        argv = ["generate", *prompts, "--model", str(checkpoint), "--max-new-tokens", str(MAX_NEW_TOKENS), *options]
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        blocks = re.split(r"^=== completion \d of 3 ===\n", captured.out, flags=re.MULTILINE)
+        assert blocks[0] == "" and [block.removesuffix("\n") for block in blocks[1:]] == expected
+        assert int(SPEED_LINE.search(captured.err).group(1)) == total
+
+
 def test_generate_sampling_is_reproducible_with_a_seed(checkpoint, capsys):
     options = ["--do-sample", "--temperature", "0.7", "--top-p", "0.9", "--seed", "4"]
     first = run_generate(capsys, checkpoint, *options).out

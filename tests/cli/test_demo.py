@@ -65,7 +65,7 @@ def references(checkpoint):
             num_assistant_tokens=NUM_SPECULATIONS,
             return_dict_in_generate=True,
         )
-        result.append((plain, speculative.from_draft))
+        result.append((plain, speculative.from_draft[0]))
     return tokenizer, model, result
 
 

@@ -6,7 +6,7 @@ import matplotlib.image
 import pytest
 
 from hf_layerskip.generation.layer_quality import LayerQuality
-from hf_layerskip.generation.plots import plot_layer_quality, plot_speedup_heatmap
+from hf_layerskip.generation.plots import plot_layer_quality, plot_speedup_heatmap, plot_throughput
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -40,3 +40,8 @@ def test_layer_curves_mark_the_exits_the_draft_head_moves(tmp_path):
     rows.append(LayerQuality(4, 2.0, 1.0, 100))
     path = plot_layer_quality({"model": rows}, tmp_path / "layers.png")
     assert_png(path)
+
+
+def test_throughput_lines_one_per_strategy(tmp_path):
+    tokens_per_s = {"plain": {1: 30.0, 2: 55.0, 4: 90.0}, "self_speculative": {1: 40.0, 2: 60.0, 4: 80.0}}
+    assert_png(plot_throughput(tokens_per_s, tmp_path / "throughput.png"))

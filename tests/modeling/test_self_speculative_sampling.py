@@ -35,11 +35,12 @@ def processed_probs(model, input_ids, **settings) -> torch.Tensor:
     return output.scores[0][0].double().softmax(dim=-1)
 
 
-def exact_joint(model, **settings) -> torch.Tensor:
-    """P(first token = a, second = b) `(vocab_size, vocab_size)`; `early_exit=E` gives the draft's."""
-    first = processed_probs(model, PROMPT, **settings)
+def exact_joint(model, prompt=PROMPT, **settings) -> torch.Tensor:
+    """P(first token = a, second = b) after `prompt` `(1, length)`, `(vocab_size, vocab_size)`; `early_exit=E` gives
+    the draft's."""
+    first = processed_probs(model, prompt, **settings)
     rows = [
-        first[a] * processed_probs(model, torch.cat([PROMPT, torch.tensor([[a]])], dim=1), **settings)
+        first[a] * processed_probs(model, torch.cat([prompt, torch.tensor([[a]])], dim=1), **settings)
         for a in range(VOCAB_SIZE)
     ]
     return torch.stack(rows)
@@ -113,6 +114,31 @@ def test_a_draft_over_a_draft_vocabulary_and_an_adapter_keeps_sampling_exact(mod
     drafting.set_draft_head({1: adapter}, torch.tensor([6, 2, 0, 5, 3]))
     p_value = chi_square_p_value(sample_first_two(drafting, NUM_SAMPLES), exact_joint(model))
     assert p_value > 1e-3, p_value
+
+
+def test_each_row_of_a_batch_follows_the_full_model(model):
+    """Rows of a batch accept different numbers of drafts per round; each row's first two tokens still follow the
+    full model's distribution after its own prompt. The second row's shorter prompt is left-padded."""
+    short = torch.tensor([[5, 3]])
+    input_ids = torch.tensor([[1, 2, 3], [0, 5, 3]])
+    attention_mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    torch.manual_seed(0)
+    counts = torch.zeros(2, VOCAB_SIZE, VOCAB_SIZE)
+    for _ in range(NUM_SAMPLES):
+        sequences = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=3,
+            assistant_early_exit=1,
+            num_assistant_tokens=2,
+            pad_token_id=0,
+            **SAMPLING,
+        )
+        for row in range(2):
+            counts[row, sequences[row, 3], sequences[row, 4]] += 1
+    for row, prompt in enumerate([PROMPT, short]):
+        p_value = chi_square_p_value(counts[row], exact_joint(model, prompt))
+        assert p_value > 1e-3, (row, p_value)
 
 
 def test_plain_sampling_passes_the_same_test(model):
