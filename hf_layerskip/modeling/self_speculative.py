@@ -585,7 +585,6 @@ def accept_speculative_sampling(
     return num_accepted, torch.cat([draft_tokens[:num_accepted], next_token])
 
 
-
 def accept(draft_tokens, draft_scores, target_scores, do_sample: bool) -> tuple[int, torch.LongTensor]:
     """One row's acceptance rule: `draft_tokens` `(k,)`, processed `draft_scores` `(k, vocab_size)` (`None` when
     `k == 0`) and `target_scores` `(k + 1, vocab_size)` of the full model. Returns the number of drafts accepted and
