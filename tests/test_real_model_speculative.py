@@ -1,5 +1,6 @@
-"""Self-speculative decoding on the converted SmolLM2-135M-Instruct (fp32): 20 HumanEval prompts x E in {4, 10, 20}
-x d in {2, 4, 6}, 64 new tokens, token for token equal to plain greedy decoding. A divergence is excused only where
+"""Self-speculative decoding on the converted SmolLM2-135M-Instruct (fp32): 6 HumanEval prompts x E in {4, 10, 20}
+x d in {2, 4, 6}, 48 new tokens, token for token equal to plain greedy decoding (sized so that CI, both tiers, stays
+within an hour on a 2-core machine where one prompt takes about 3 minutes). A divergence is excused only where
 plain greedy's top-2 logit gap is below 1e-4 (a numerical tie), and reported as a warning."""
 
 import warnings
@@ -15,8 +16,8 @@ pytestmark = pytest.mark.real_model
 
 EXIT_LAYERS = (4, 10, 20)
 NUM_SPECULATIONS = (2, 4, 6)
-NUM_PROMPTS = 20
-MAX_NEW_TOKENS = 64
+NUM_PROMPTS = 6
+MAX_NEW_TOKENS = 48
 TIE_GAP = 1e-4
 
 
