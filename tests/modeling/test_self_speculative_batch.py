@@ -153,7 +153,8 @@ BATCH_FEATURES = {
 def test_generate_feature_on_a_batch(agreeing, name, exit_layer, num_speculations):
     batch = padded_batch(BATCH_LENGTHS, seed=2)
     settings = dict(BATCH_FEATURES[name])
-    settings.setdefault("max_new_tokens", 24) if "max_length" not in settings else None
+    if "max_length" not in settings:
+        settings["max_new_tokens"] = 24
     eos = [eos_of_first_row(agreeing, batch), *settings.pop("extra_eos", [])]
     ours = assert_batch_same_as_plain(agreeing, batch, exit_layer, num_speculations, eos_token_id=eos, **settings)
     if name != "min_new_tokens":
