@@ -239,16 +239,13 @@ def test_per_row_counts(agreeing):
     assert torch.equal(output.from_draft.sum(dim=-1), output.accepted_tokens)
     assert len(set(output.accepted_tokens.tolist())) > 1, "rows should accept different numbers of drafts"
     torch.testing.assert_close(output.acceptance_rate, output.accepted_tokens / output.drafted_tokens)
-    # Every token marked as drafted is what the exit after layer 2 predicts from the tokens before it.
-    with torch.no_grad():
-        exit_logits = agreeing(output.sequences, attention_mask=torch.ones_like(output.sequences), exit_layer=2).logits
+    # Every token marked as drafted is what the exit after layer 2 predicts from the row's tokens before it.
     for row in range(batch_size):
         real = slice(width - BATCH_LENGTHS[row], None)
         with torch.no_grad():
             logits = agreeing(output.sequences[row : row + 1, real], exit_layer=2).logits[0, BATCH_LENGTHS[row] - 1 : -1]
         new_tokens, from_draft = output.sequences[row, width:], output.from_draft[row]
         assert torch.equal(new_tokens[from_draft], logits.argmax(-1)[from_draft])
-    assert exit_logits.shape[0] == batch_size
     # The model keeps the call's totals.
     stats = agreeing.speculation_stats
     assert (stats.drafted_tokens, stats.accepted_tokens) == (
