@@ -118,10 +118,10 @@ def run(args: argparse.Namespace) -> int:
     model_options, progress, prompt_options, generation, speculation, options = dataclasses_from(args, ARGUMENT_TYPES)
     kinds = parse_strategies(options.strategies)
     model, tokenizer = load_model(model_options.model, model_options.dtype, model_options.device, "benchmark")
-    exit_layer, speculations, threshold = speculation.resolve(model, "benchmark")
+    exit_layer, speculations, threshold, lookup = speculation.resolve(model, "benchmark")
     prompts, encoded = load_encoded_prompts(prompt_options, tokenizer, model.device)
 
-    strategies = standard_strategies(kinds, exit_layer, speculations, threshold)
+    strategies = standard_strategies(kinds, exit_layer, speculations, threshold, lookup)
     if options.builtin_pair is not None:
         try:
             pairs = parse_pairs(options.builtin_pair)

@@ -11,7 +11,6 @@ import torch
 from ..generation.demo import DemoResult, DemoSummary
 from ..generation.metrics import machine_description
 from .measure_options import (
-    DTYPES,
     GenerationArguments,
     ModelArguments,
     SpeculationArguments,
@@ -229,24 +228,33 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"hf-layerskip demo: --max-new-tokens must be at least 1, got {max_new_tokens}.")
     prompts = choose_prompts(options)
     model, tokenizer = load_model(model_options.model, model_options.dtype, model_options.device, "demo")
-    exit_layer, speculations, threshold = speculation.resolve(model, "demo")
+    exit_layer, speculations, threshold, lookup = speculation.resolve(model, "demo")
     num_layers = model.config.num_hidden_layers
     color = use_color(options.color)
 
     print(
         f"self-speculative decoding: draft with layers 1-{exit_layer} of {num_layers}, up to {speculations} per "
-        f"round{f' while the exit is at least {threshold:g} confident' if threshold else ''}; "
-        f"greedy, up to {max_new_tokens} new tokens, {model_options.dtype} on {model.device}",
+        f"round{f' while the exit is at least {threshold:g} confident' if threshold else ''}"
+        f"{f', or up to {lookup} looked up where the text repeats itself' if lookup else ''}; "
+        f"greedy, up to {max_new_tokens} new tokens, {str(model.dtype).removeprefix('torch.')} on {model.device}",
         flush=True,
     )
 
     def show(result: DemoResult) -> None:
         print(f"\n=== {result.prompt_id} ===")
         print(render_completion(tokenizer, result, color))
-        print("\n".join(describe_result(tokenizer, result, DTYPES[model_options.dtype])), flush=True)
+        print("\n".join(describe_result(tokenizer, result, model.dtype)), flush=True)
 
     results = run_demo(
-        model, tokenizer, prompts, exit_layer, speculations, max_new_tokens, confidence_threshold=threshold, on_result=show
+        model,
+        tokenizer,
+        prompts,
+        exit_layer,
+        speculations,
+        max_new_tokens,
+        confidence_threshold=threshold,
+        lookup_tokens=lookup,
+        on_result=show,
     )
     print("\n" + summary_table(results))
     if color:
@@ -258,6 +266,8 @@ def run(args: argparse.Namespace) -> int:
             exit_layer=exit_layer,
             num_speculations=speculations,
             confidence_threshold=threshold,
+            lookup_tokens=lookup,
+            dtype=str(model.dtype).removeprefix("torch."),
             draft_head={name: getattr(model.config, name) for name in DRAFT_HEAD_SETTINGS},
             machine=machine_description(model.device),
         )

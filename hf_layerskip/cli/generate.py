@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .convert import DTYPES
+from .measure_options import DTYPE_HELP, DTYPES, resolve_dtype
 from .parsing import add_dataclass_command, dataclasses_from
 
 
@@ -50,7 +50,7 @@ class GenerateArguments:
     no_chat_template: bool = field(
         default=False, metadata={"help": "Feed PROMPT as plain text even when the tokenizer has a chat template."}
     )
-    dtype: str = field(default="float32", metadata={"help": "Compute dtype.", "choices": list(DTYPES)})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
     device: str | None = field(
         default=None,
         metadata={"help": "Torch device, e.g. cpu or cuda:0 (unset: cuda when available, else cpu)."},
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
         options.model = default_checkpoint()
     device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model, tokenizer = load_checkpoint(options.model, DTYPES[options.dtype], device)
+    model, tokenizer = load_checkpoint(options.model, resolve_dtype(options.dtype, torch.device(device)), device)
     prompts = [sys.stdin.read() if prompt == "-" else prompt for prompt in args.prompt]
     inputs = encode_prompts(tokenizer, prompts, use_chat_template=not options.no_chat_template).to(device)
 

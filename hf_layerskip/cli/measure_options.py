@@ -10,6 +10,17 @@ from pathlib import Path
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_HELP = (
+    "Compute dtype; 'auto' is the fastest on the device: bfloat16 on a CPU with native bfloat16 instructions "
+    "(AVX512-BF16 or AMX) or a GPU that supports it, float32 elsewhere."
+)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The `--dtype` choice as a torch dtype; `auto` picks the fastest on `device`."""
+    from ..generation.hardware import fastest_dtype
+
+    return fastest_dtype(device) if name == "auto" else DTYPES[name]
 
 
 @dataclass
@@ -26,7 +37,7 @@ class ModelArguments:
     device: str = field(
         default="cpu", metadata={"help": "torch device: cpu, cuda or cuda:N; 'auto' picks cuda when available."}
     )
-    dtype: str = field(default="float32", metadata={"help": "Compute dtype.", "choices": list(DTYPES)})
+    dtype: str = field(default="auto", metadata={"help": DTYPE_HELP, "choices": ["auto", *DTYPES]})
 
 
 @dataclass
@@ -109,8 +120,19 @@ class SpeculationArguments:
         },
     )
 
-    def resolve(self, model, command: str) -> tuple[int, int, float]:
-        """`(E, d, t)`: the options given, else the checkpoint's; errors name the command and the bad value."""
+    lookup_tokens: int | None = field(
+        default=None,
+        metadata={
+            "help": "Lookup drafting: a round whose last tokens occurred earlier in the sequence drafts up to this many "
+            "of the tokens that followed them, with no layer pass (unset: the checkpoint's num_lookup_speculations; "
+            "0 never looks up).",
+            "metavar": "N",
+        },
+    )
+
+    def resolve(self, model, command: str) -> tuple[int, int, float, int]:
+        """`(E, d, t, lookup length)`: the options given, else the checkpoint's; errors name the command and the bad
+        value."""
         exit_layer = model.config.exit_layer if self.exit_layer is None else self.exit_layer
         speculations = model.config.num_speculations if self.num_speculations is None else self.num_speculations
         threshold = self.confidence_threshold
@@ -121,7 +143,10 @@ class SpeculationArguments:
             raise SystemExit(f"hf-layerskip {command}: --num-speculations must be at least 1, got {speculations}.")
         if not 0 <= threshold <= 1:
             raise SystemExit(f"hf-layerskip {command}: --confidence-threshold must be in [0, 1], got {threshold}.")
-        return exit_layer, speculations, threshold
+        lookup = model.config.num_lookup_speculations if self.lookup_tokens is None else self.lookup_tokens
+        if lookup < 0:
+            raise SystemExit(f"hf-layerskip {command}: --lookup-tokens must be at least 0, got {lookup}.")
+        return exit_layer, speculations, threshold, lookup
 
 
 class IntList(tuple):
@@ -165,7 +190,7 @@ def load_model(path, dtype_name: str, device_name: str, command: str):
 
         path = default_checkpoint()
     device = resolve_device(device_name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype_name]).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype_name, device)).to(device).eval()
     if not isinstance(model, LayerSkipLlamaForCausalLM):
         raise SystemExit(
             f"hf-layerskip {command}: {path} holds a {type(model).__name__}, not a LayerSkip checkpoint; "

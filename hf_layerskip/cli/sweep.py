@@ -50,6 +50,14 @@ class SweepArguments:
             "metavar": "LIST",
         },
     )
+    lookup_tokens: IntList = field(
+        default=IntList((0,)),
+        metadata={
+            "help": "Lookup lengths, e.g. 0,4,8: a round whose last tokens occurred earlier in the sequence drafts up "
+            "to this many of the tokens that followed them, instead of drafting with the exit (0: never).",
+            "metavar": "LIST",
+        },
+    )
     output_dir: str = field(
         default="sweep",
         metadata={
@@ -132,7 +140,7 @@ def run(args: argparse.Namespace) -> int:
     prompts, encoded = load_encoded_prompts(prompt_options, tokenizer, model.device)
     settings = {
         "model": str(model_options.model or "default"),
-        "dtype": model_options.dtype,
+        "dtype": str(model.dtype).removeprefix("torch."),
         "device": str(model.device),
         "torch_threads": torch.get_num_threads(),
         "prompt_source": prompt_options.prompts,
@@ -142,7 +150,13 @@ def run(args: argparse.Namespace) -> int:
         "max_new_tokens": generation.max_new_tokens,
         "paired": options.paired,
     }
-    grid = sweep_grid(exit_layers, options.num_speculations, options.confidence_thresholds, options.draft_vocab_sizes)
+    grid = sweep_grid(
+        exit_layers,
+        options.num_speculations,
+        options.confidence_thresholds,
+        options.draft_vocab_sizes,
+        options.lookup_tokens,
+    )
     result = run_sweep(
         model,
         [p.id for p in prompts],
@@ -164,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         result.files.heatmap,
         best=(best.exit_layer, best.num_speculations) if best else None,
         title="Self-speculative speedup over plain greedy decoding"
-        + (" (best t, K per cell)" if len(grid) > len(exit_layers) * len(options.num_speculations) else ""),
+        + (" (best t, K, lookup per cell)" if len(grid) > len(exit_layers) * len(options.num_speculations) else ""),
     )
     skipped = len(grid) - len(result.measured_now) - len(result.pending)
     print(f"measured {len(result.measured_now)} cells now, {skipped} were already done, {len(result.pending)} pending")

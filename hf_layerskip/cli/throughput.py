@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
             f"{machine['torch_threads']} threads), device {machine['device']}, dtype {result.settings['dtype']}",
             f"{len(prompts)} {prompt_options.prompts} prompts in groups of B, {generation.max_new_tokens} new tokens "
             f"max, greedy; E={speculation.exit_layer}, d={speculation.num_speculations}, "
-            f"t={speculation.confidence_threshold:g}; peak memory: {result.settings['memory_method']}",
+            f"t={speculation.confidence_threshold:g}, lookup={speculation.lookup_tokens}; peak memory: {result.settings['memory_method']}",
             "",
             throughput_table(result.summaries),
             "",

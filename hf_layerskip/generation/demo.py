@@ -127,9 +127,10 @@ def run_demo(
     tie_tolerance: float | None = None,
     on_result: Callable[[DemoResult], None] | None = None,
     confidence_threshold: float = 0.0,
+    lookup_tokens: int | None = None,
 ) -> list[DemoResult]:
     """Greedy-decodes each `(prompt_id, text)` plainly, then self-speculatively at `(exit_layer, num_speculations)`
-    with drafts stopping below `confidence_threshold`.
+    with drafts stopping below `confidence_threshold` and up to `lookup_tokens` looked up (`None`: the model's).
 
     One short unmeasured warm-up of both modes on the first prompt comes first. A difference at a logit gap of at
     most `tie_tolerance` (default by dtype, as `hf-layerskip correctness`) counts as a numerical tie. `on_result`
@@ -139,7 +140,10 @@ def run_demo(
     common = {}
     if tokenizer.pad_token_id is None and model.generation_config.pad_token_id is None:
         common["pad_token_id"] = tokenizer.eos_token_id
-    plain, speculative = Strategy("plain"), Strategy("self_speculative", exit_layer, num_speculations, confidence_threshold)
+    plain = Strategy("plain")
+    speculative = Strategy(
+        "self_speculative", exit_layer, num_speculations, confidence_threshold, lookup_tokens=lookup_tokens
+    )
     runner = StrategyRunner(model)
     encoded = [tokenizer(text, return_tensors="pt")["input_ids"].to(model.device) for _, text in prompts]
 

@@ -14,14 +14,16 @@ LOSSLESS_KINDS = ("plain", "self_speculative", "builtin")
 @dataclass(frozen=True)
 class Strategy:
     """One way to decode: `kind` plus its exit layer `E` and draft length `d` where they apply. Self-speculative
-    decoding may also stop a draft below a `confidence_threshold` and draft over the first `draft_vocab_size` ids of
-    the model's draft vocabulary (`None`: all of it)."""
+    decoding may also stop a draft below a `confidence_threshold`, draft over the first `draft_vocab_size` ids of
+    the model's draft vocabulary (`None`: all of it), and draft up to `lookup_tokens` tokens by lookup (`None`: the
+    model config's `num_lookup_speculations`)."""
 
     kind: str
     exit_layer: int | None = None
     num_speculations: int | None = None
     confidence_threshold: float = 0.0
     draft_vocab_size: int | None = None
+    lookup_tokens: int | None = None
 
     def __post_init__(self):
         if self.kind not in STRATEGY_KINDS:
@@ -30,9 +32,11 @@ class Strategy:
             raise ValueError(f"Strategy {self.kind!r} needs an exit layer.")
         if self.kind in ("self_speculative", "builtin") and self.num_speculations is None:
             raise ValueError(f"Strategy {self.kind!r} needs a number of speculations.")
-        if self.kind != "self_speculative" and (self.confidence_threshold or self.draft_vocab_size is not None):
+        tuned = self.confidence_threshold or self.draft_vocab_size is not None or self.lookup_tokens is not None
+        if self.kind != "self_speculative" and tuned:
             raise ValueError(
-                f"Only self_speculative strategies take a confidence threshold or draft vocabulary size, got {self.kind!r}."
+                "Only self_speculative strategies take a confidence threshold, draft vocabulary size or lookup length, "
+                f"got {self.kind!r}."
             )
 
     @property
@@ -52,20 +56,22 @@ class Strategy:
             return f"early_exit(E={self.exit_layer})"
         extras = f",t={self.confidence_threshold:g}" if self.confidence_threshold else ""
         extras += f",K={self.draft_vocab_size}" if self.draft_vocab_size is not None else ""
+        extras += f",lookup={self.lookup_tokens}" if self.lookup_tokens else ""
         return f"{self.kind}(E={self.exit_layer},d={self.num_speculations}{extras})"
 
 
 def standard_strategies(
-    kinds, exit_layer: int, num_speculations: int, confidence_threshold: float = 0.0
+    kinds, exit_layer: int, num_speculations: int, confidence_threshold: float = 0.0, lookup_tokens: int | None = None
 ) -> list[Strategy]:
     """The strategies named in `kinds`, all at the same `(E, d)`; self-speculative drafts stop below
-    `confidence_threshold`."""
+    `confidence_threshold` and look up `lookup_tokens`."""
     return [
         Strategy(
             kind,
             None if kind == "plain" else exit_layer,
             num_speculations if kind in ("self_speculative", "builtin") else None,
             confidence_threshold if kind == "self_speculative" else 0.0,
+            lookup_tokens=lookup_tokens if kind == "self_speculative" else None,
         )
         for kind in kinds
     ]
@@ -147,6 +153,7 @@ class StrategyRunner:
                 assistant_early_exit=strategy.exit_layer,
                 num_assistant_tokens=strategy.num_speculations,
                 assistant_confidence_threshold=strategy.confidence_threshold,
+                prompt_lookup_num_tokens=strategy.lookup_tokens,
                 return_dict_in_generate=True,
             )
         elif strategy.kind == "builtin":

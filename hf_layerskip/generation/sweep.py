@@ -1,5 +1,5 @@
-"""A resumable grid of self-speculative settings (E × d × confidence threshold × draft vocabulary size), each timed
-against plain greedy decoding.
+"""A resumable grid of self-speculative settings (E × d × confidence threshold × draft vocabulary size × lookup
+length), each timed against plain greedy decoding.
 
 Everything lives in one output folder, so a killed sweep continues where it stopped:
 
@@ -30,12 +30,14 @@ PLAIN_FIELDS = ("prompt_id", "new_tokens", "seconds", "tokens")
 @dataclass
 class SweepCell:
     """One cell over all prompts; `speedup` is `plain_ms_per_token` over this cell's `ms_per_token`.
-    `draft_vocab_size` 0 means the model's whole draft vocabulary (or the full vocabulary when it has none)."""
+    `draft_vocab_size` 0 means the model's whole draft vocabulary (or the full vocabulary when it has none);
+    `lookup_tokens` 0 means no lookup drafting."""
 
     exit_layer: int
     num_speculations: int
     confidence_threshold: float
     draft_vocab_size: int
+    lookup_tokens: int
     prompts: int
     new_tokens: int
     seconds: float
@@ -49,13 +51,14 @@ class SweepCell:
 
     @classmethod
     def from_row(cls, row: dict) -> "SweepCell":
-        # Every field is an int or a float; rows of sweeps from before thresholds and draft vocabularies lack them.
-        defaults = {"confidence_threshold": 0.0, "draft_vocab_size": 0}
+        # Every field is an int or a float; rows of sweeps from before thresholds, draft vocabularies and lookup
+        # drafting lack them.
+        defaults = {"confidence_threshold": 0.0, "draft_vocab_size": 0, "lookup_tokens": 0}
         return cls(**{f.name: f.type(row.get(f.name, defaults.get(f.name))) for f in fields(cls)})
 
     @property
-    def key(self) -> tuple[int, int, float, int]:
-        return (self.exit_layer, self.num_speculations, self.confidence_threshold, self.draft_vocab_size)
+    def key(self) -> "CellKey":
+        return (self.exit_layer, self.num_speculations, self.confidence_threshold, self.draft_vocab_size, self.lookup_tokens)
 
     @property
     def strategy(self) -> Strategy:
@@ -155,12 +158,13 @@ def _plain_baseline(runner, prompt_ids, encoded, max_new_tokens, files, progress
     return PlainBaseline(tokens, seconds)
 
 
-CellKey = tuple[int, int, float, int]  # (E, d, confidence threshold, draft vocabulary size; 0: all of it)
+# (E, d, confidence threshold, draft vocabulary size (0: all of it), lookup length (0: no lookup drafting))
+CellKey = tuple[int, int, float, int, int]
 
 
 def cell_strategy(key: CellKey) -> Strategy:
-    exit_layer, speculations, threshold, vocab_size = key
-    return Strategy("self_speculative", exit_layer, speculations, threshold, vocab_size or None)
+    exit_layer, speculations, threshold, vocab_size, lookup_tokens = key
+    return Strategy("self_speculative", exit_layer, speculations, threshold, vocab_size or None, lookup_tokens)
 
 
 @dataclass
@@ -182,14 +186,16 @@ def sweep_grid(
     num_speculations: list[int],
     confidence_thresholds: list[float] = (0.0,),
     draft_vocab_sizes: list[int] = (0,),
+    lookup_tokens: list[int] = (0,),
 ) -> list[CellKey]:
-    """Every (E, d, threshold, K) combination, in that nesting order."""
+    """Every (E, d, threshold, K, lookup length) combination, in that nesting order."""
     return [
-        (e, d, float(t), k)
+        (e, d, float(t), k, n)
         for e in exit_layers
         for d in num_speculations
         for t in confidence_thresholds
         for k in draft_vocab_sizes
+        for n in lookup_tokens
     ]
 
 

@@ -15,17 +15,20 @@ STRATEGIES = ("plain", "self_speculative", "self_speculative_loop")
 
 @dataclass(frozen=True)
 class Speculation:
-    """The self-speculative settings: exit layer E, draft length d, confidence threshold t."""
+    """The self-speculative settings: exit layer E, draft length d, confidence threshold t, lookup length (`None`:
+    the model config's)."""
 
     exit_layer: int
     num_speculations: int
     confidence_threshold: float = 0.0
+    lookup_tokens: int | None = None
 
     def generate_kwargs(self) -> dict:
         return dict(
             assistant_early_exit=self.exit_layer,
             num_assistant_tokens=self.num_speculations,
             assistant_confidence_threshold=self.confidence_threshold,
+            prompt_lookup_num_tokens=self.lookup_tokens,
             return_dict_in_generate=True,
         )
 

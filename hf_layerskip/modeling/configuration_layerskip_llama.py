@@ -59,6 +59,13 @@ class LayerSkipLlamaConfig(LlamaConfig):
             Defaults to a quarter of the depth.
         num_speculations (`int`, *optional*, defaults to 6):
             Default number of draft tokens `d` per self-speculative round.
+        num_lookup_speculations (`int`, *optional*, defaults to 0):
+            Default number of tokens a self-speculative round drafts by lookup (`generate`'s
+            `prompt_lookup_num_tokens` overrides it): when the sequence's last tokens occurred earlier in it, the
+            round drafts what followed them, with no layer pass, instead of drafting with the early exit. 0 disables.
+        lookup_ngram_size (`int`, *optional*, defaults to 2):
+            Longest n-gram lookup drafting matches (`generate`'s `max_matching_ngram_size` overrides it); shorter
+            ones down to a single token are tried when it does not occur.
         exit_adapter_layers (`list[int]`, *optional*):
             Exit layers `E` (as `assistant_early_exit` counts them) that have an exit adapter: a small residual map
             applied to the draft's hidden state before the shared norm and LM head (see `draft_head.py`).
@@ -82,6 +89,8 @@ class LayerSkipLlamaConfig(LlamaConfig):
     early_exit_layers: list[int] | None = None
     exit_layer: int | None = None
     num_speculations: int = 6
+    num_lookup_speculations: int = 0
+    lookup_ngram_size: int = 2
     exit_adapter_layers: list[int] | None = None
     exit_adapter_rank: int | None = None
     draft_vocab_size: int | None = None
@@ -112,6 +121,8 @@ class LayerSkipLlamaConfig(LlamaConfig):
             raise ValueError(f"LayerSkip needs at least 2 layers to exit early, got num_hidden_layers={num_layers}.")
         _check_range("exit_layer", self.exit_layer, 1, num_layers - 1)
         _check_range("num_speculations", self.num_speculations, 1, float("inf"))
+        _check_range("num_lookup_speculations", self.num_lookup_speculations, 0, float("inf"))
+        _check_range("lookup_ngram_size", self.lookup_ngram_size, 1, float("inf"))
         for layer in self.exit_adapter_layers or ():
             _check_range("exit_adapter_layers", layer, 1, num_layers - 1)
         if self.exit_adapter_rank is not None:

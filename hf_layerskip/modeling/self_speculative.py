@@ -5,9 +5,10 @@ verifies them with layers `E..L-1` only:
 
 - **prefill**: every layer processes the prompt but its last token;
 - **draft**: layers `0..E-1` process one token per row at a time, writing their KV entries into *the* cache and
-  keeping their outputs (the exit-query cache);
-- **verify**: layers `0..E-1` process only the last draft token; layers `E..L-1` process the exit-query cache
-  plus that token, in one pass. Nothing is computed twice;
+  keeping their outputs (the exit-query cache). With lookup drafting on, a round whose sequence's last tokens occurred
+  earlier in it drafts the tokens that followed them instead, at no layer pass (prompt lookup);
+- **verify**: layers `0..E-1` process only what no draft step has run (the last draft token, or every looked-up
+  token); layers `E..L-1` process the exit-query cache plus those, in one pass. Nothing is computed twice;
 - **accept**: per row, the longest prefix the full model agrees with (greedy) or keeps (speculative sampling), plus
   one token of the full model.
 
@@ -52,6 +53,8 @@ class SpeculationStats:
     accepted_tokens: int = 0
     # Passes through layers 0..E-1 and the draft's exit; more than `drafted_tokens` where a withheld draft's step ran.
     draft_steps: int = 0
+    # Rounds whose drafts were looked up in the sequence itself rather than drafted by the early exit.
+    lookup_rounds: int = 0
 
     @property
     def acceptance_rate(self) -> float:
@@ -67,18 +70,23 @@ class RowCounts:
         self.rounds = torch.zeros(batch_size, dtype=torch.long)
         self.drafted_tokens, self.draft_steps, self.accepted_tokens = (torch.zeros_like(self.rounds) for _ in range(3))
         self.from_draft: list[list[bool]] = [[] for _ in range(batch_size)]
-        self.batch_rounds = 0
+        self.batch_rounds = self.lookup_rounds = 0
 
-    def add_round(self, rows: list[int], num_drafted: int, num_draft_steps: int) -> None:
-        """A round of the batch in which `rows` took part."""
+    def add_round(self, rows: list[int], num_drafted: int, num_draft_steps: int, looked_up: bool) -> None:
+        """A round of the batch in which `rows` took part; `looked_up` when its drafts came from lookup."""
         self.batch_rounds += 1
+        self.lookup_rounds += looked_up
         self.rounds[rows] += 1
         self.drafted_tokens[rows] += num_drafted
         self.draft_steps[rows] += num_draft_steps
 
     def totals(self) -> SpeculationStats:
         return SpeculationStats(
-            self.batch_rounds, int(self.drafted_tokens.sum()), int(self.accepted_tokens.sum()), int(self.draft_steps.sum())
+            self.batch_rounds,
+            int(self.drafted_tokens.sum()),
+            int(self.accepted_tokens.sum()),
+            int(self.draft_steps.sum()),
+            self.lookup_rounds,
         )
 
 
@@ -116,6 +124,11 @@ def validate_self_speculative_request(model, generation_mode, generation_config,
     threshold = generation_config.assistant_confidence_threshold or 0.0
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"`assistant_confidence_threshold` must be in [0, 1], got {threshold!r}.")
+    for name in ("prompt_lookup_num_tokens", "max_matching_ngram_size"):
+        value = getattr(generation_config, name)
+        low = 0 if name == "prompt_lookup_num_tokens" else 1
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+            raise ValueError(f"`{name}` must be an integer >= {low} (or None: the model config's), got {value!r}.")
     if generation_mode != GenerationMode.ASSISTED_GENERATION:
         raise ValueError(
             "Self-speculative decoding (`assistant_early_exit`) supports greedy decoding and sampling with "
@@ -123,7 +136,6 @@ def validate_self_speculative_request(model, generation_mode, generation_config,
         )
     unsupported = {
         "assistant_model": generation_mode_kwargs.get("assistant_model") is not None,
-        "prompt_lookup_num_tokens": generation_config.prompt_lookup_num_tokens is not None,
         "use_mtp": bool(generation_config.use_mtp),
         "assistant_ensemble_weight": generation_config.assistant_ensemble_weight is not None,
         # Classifier-free guidance runs the model once per step on its own cache: drafts would corrupt it.
@@ -192,6 +204,19 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
         excess = layer.get_seq_length() - length
         if excess > 0:
             layer.crop(-excess)
+
+
+def lookup_continuation(sequence: torch.LongTensor, max_ngram_size: int, num_tokens: int) -> torch.LongTensor:
+    """Prompt lookup: the (up to) `num_tokens` tokens that followed the most recent earlier occurrence of the last `n`
+    tokens of `sequence` `(length,)`, for the largest `n <= max_ngram_size` that occurred before; `(0,)` if none did."""
+    length = len(sequence)
+    for n in range(min(max_ngram_size, length - 1), 0, -1):
+        windows = sequence[: length - 1].unfold(0, n, 1)  # (length - n, n): every earlier n-gram with a successor
+        hits = (windows == sequence[length - n :]).all(dim=1).nonzero()
+        if len(hits):
+            start = int(hits[-1]) + n
+            return sequence[start : start + num_tokens]
+    return sequence[:0]
 
 
 def _select(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
@@ -266,6 +291,10 @@ class SelfSpeculativeDecoder:
         self.draft_exit = model.draft_exit(self.exit_layer)
         self.num_speculations = generation_config.num_assistant_tokens
         self.confidence_threshold = generation_config.assistant_confidence_threshold or 0.0
+        # Lookup drafting: `generate`'s prompt-lookup settings, else the model config's defaults.
+        lookup_tokens, ngram_size = generation_config.prompt_lookup_num_tokens, generation_config.max_matching_ngram_size
+        self.num_lookup_tokens = model.config.num_lookup_speculations if lookup_tokens is None else lookup_tokens
+        self.lookup_ngram_size = ngram_size or model.config.lookup_ngram_size
         eos = getattr(generation_config, "_eos_token_tensor", None)  # set by `generate`
         self.eos_token_ids = None if eos is None else eos.flatten().to(input_ids.device)
         self.do_sample = bool(generation_config.do_sample)
@@ -389,7 +418,15 @@ class SelfSpeculativeDecoder:
         """
         rows, lengths, tokens = self.rows, self.lengths, self.tokens
         # The full model's token after the draft also has to fit in `max_length`.
-        budget = max(min(self.num_speculations, self.max_length - int(lengths.max()) - 1), 0)
+        room = self.max_length - int(lengths.max()) - 1
+        if self.num_lookup_tokens and room > 0:
+            looked_up = [
+                lookup_continuation(tokens[row, :length], self.lookup_ngram_size, min(self.num_lookup_tokens, room))
+                for row, length in zip(rows.tolist(), lengths.tolist())
+            ]
+            if any(len(continuation) for continuation in looked_up):
+                return self.draft_by_lookup(looked_up)
+        budget = max(min(self.num_speculations, room), 0)
         self.open_slots(budget + 1)
         inputs = tokens[rows, lengths - 1]  # the pending tokens
         proposing = torch.ones_like(rows, dtype=torch.bool)
@@ -415,25 +452,50 @@ class SelfSpeculativeDecoder:
                 proposing &= ~torch.isin(inputs, self.eos_token_ids)
                 if not proposing.any():
                     break
-        if exit_states:
-            self.exit_query_cache = torch.cat(exit_states, dim=1)
-        else:
-            self.exit_query_cache = tokens.new_zeros(
-                (self.num_active, 0, self.model.config.hidden_size), dtype=self.model.dtype
-            )
+        self.exit_query_cache = torch.cat(exit_states, dim=1) if exit_states else self._no_exit_states()
         return len(draft_scores), torch.stack(draft_scores, dim=1) if draft_scores else None
+
+    def draft_by_lookup(self, continuations: list[torch.LongTensor]) -> tuple[int, torch.Tensor | None]:
+        """Drafts, after each active row's pending token, the tokens its own sequence continued with the last time it
+        read as now (`continuations`, one per active row, at least one non-empty), with no layer pass: verification
+        runs every layer on them. Shorter continuations are padded by repeating their row's last token (a proposal
+        like any other: verification judges it).
+
+        Returns the number of drafted tokens `k` and, when sampling, the draft's distribution as scores
+        `(num_active, k, vocab_size)`: all its mass on the proposed token. Any proposal keeps speculative sampling
+        exact, and this one is accepted with probability `p(token)`.
+        """
+        num_drafted = max(len(continuation) for continuation in continuations)
+        self.open_slots(num_drafted + 1)
+        for row, length, continuation in zip(self.rows.tolist(), self.lengths.tolist(), continuations):
+            proposal = continuation if len(continuation) else self.tokens[row, length - 1 : length]
+            padding = proposal[-1:].expand(num_drafted - len(proposal))
+            self.tokens[row, length : length + num_drafted] = torch.cat([proposal, padding])
+        self.exit_query_cache = self._no_exit_states()
+        if not self.do_sample:
+            return num_drafted, None
+        drafts = self.tokens[self.rows[:, None], self.lengths[:, None] + torch.arange(num_drafted, device=self.rows.device)]
+        scores = torch.full((self.num_active, num_drafted, self.draft_exit.vocab_size), float("-inf"), device=drafts.device)
+        return num_drafted, scores.scatter_(-1, drafts[..., None], 0.0)
+
+    def _no_exit_states(self) -> torch.Tensor:
+        """An empty exit-query cache `(num_active, 0, hidden_size)`: no draft step ran this round."""
+        return self.tokens.new_zeros((self.num_active, 0, self.model.config.hidden_size), dtype=self.model.dtype)
 
     def verify(self, num_drafted: int) -> torch.Tensor:
         """The last layer's outputs `(num_active, num_drafted + 1, hidden_size)`, before the final norm, at the
         slots of each row's pending token and its drafts.
 
-        Layers `0..E-1` run only on the last draft token, unless a withheld draft step has already run them; layers
-        `E..L-1` run on the exit-query cache plus it.
+        Layers `0..E-1` run only on what no draft step has run: the last draft token (unless a withheld draft step
+        has already run it), or every looked-up token and the pending one; layers `E..L-1` run on the exit-query cache
+        plus those.
         """
         hidden = self.exit_query_cache
-        if self.cache.get_seq_length(0) < self.filled + num_drafted + 1:
-            last = self.tokens[self.rows, self.lengths - 1 + num_drafted]  # (num_active,)
-            hidden = torch.cat([hidden, self.run_layers(self.model.model.embed_tokens(last[:, None]), 0, self.exit_layer)], 1)
+        unrun = self.filled + num_drafted + 1 - self.cache.get_seq_length(0)
+        if unrun > 0:
+            positions = self.lengths[:, None] + (num_drafted - unrun + torch.arange(unrun, device=self.rows.device))
+            unrun_tokens = self.tokens[self.rows[:, None], positions]  # (num_active, unrun)
+            hidden = torch.cat([hidden, self.run_layers(self.model.model.embed_tokens(unrun_tokens), 0, self.exit_layer)], 1)
         self.exit_query_cache = None
         return self.run_layers(hidden, self.exit_layer, len(self.model.model.layers))
 
@@ -645,7 +707,7 @@ def self_speculative_decoding(
         # One head call for every row and position: reading the head's weights dominates, not the number of rows.
         raw = model.exit_logits(final_hidden).float()
         rows, lengths = decoder.rows.tolist(), decoder.lengths.tolist()
-        counts.add_round(rows, num_drafted, draft_steps)
+        counts.add_round(rows, num_drafted, draft_steps, looked_up=num_drafted > 0 and draft_steps == 0)
         num_kept, finished = torch.zeros_like(decoder.lengths), torch.zeros_like(decoder.rows, dtype=torch.bool)
         for i, (row, length) in enumerate(zip(rows, lengths)):
             row_tokens = tokens[row : row + 1]

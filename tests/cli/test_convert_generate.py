@@ -216,6 +216,7 @@ def test_generate_several_prompts_decodes_them_as_one_batch(checkpoint, capsys):
         total += len(new_tokens)
     for options in ([], ["--assistant-early-exit", "2", "--num-speculations", "3"]):
         argv = ["generate", *prompts, "--model", str(checkpoint), "--max-new-tokens", str(MAX_NEW_TOKENS), *options]
+        argv += ["--dtype", "float32"]  # the expected completions are float32's: the default may be bfloat16 here
         assert main(argv) == 0
         captured = capsys.readouterr()
         blocks = re.split(r"^=== completion \d of 3 ===\n", captured.out, flags=re.MULTILINE)

@@ -499,6 +499,73 @@ def test_each_layer_processes_each_position_once(exit_layer, num_speculations):
     assert ours_cache.get_seq_length(0) == total_length - 1
 
 
+@pytest.mark.parametrize("exit_layer, lookup_tokens", [(1, 2), (3, 4), (5, 6)])
+def test_lookup_drafts_are_processed_once_by_every_layer(agreeing, exit_layer, lookup_tokens):
+    """Lookup rounds run every layer on their drafts in verification, early-exit rounds run layers 0..E-1 in draft
+    steps and the rest in verification: every layer processes each kept position once and each rejected draft once."""
+    input_ids = prompt(6, seed=31).repeat(1, 3)  # lookup finds the chunk again
+    plain_output = {}
+    plain_counts = positions_per_layer(
+        agreeing.model.layers,
+        lambda: plain_output.setdefault("out", agreeing.generate(input_ids, max_new_tokens=30, do_sample=False)),
+    )
+    output = {}
+    counts = positions_per_layer(
+        agreeing.model.layers,
+        lambda: output.setdefault(
+            "out",
+            agreeing.generate(
+                input_ids,
+                max_new_tokens=30,
+                assistant_early_exit=exit_layer,
+                num_assistant_tokens=3,
+                prompt_lookup_num_tokens=lookup_tokens,
+                return_dict_in_generate=True,
+            ),
+        ),
+    )
+    stats = agreeing.speculation_stats
+    assert 0 < stats.lookup_rounds < stats.rounds  # both kinds of round
+    assert torch.equal(output["out"].sequences, plain_output["out"])
+    rejected = stats.drafted_tokens - stats.accepted_tokens
+    assert counts == [plain_counts[0] + rejected] * NUM_LAYERS
+
+
+def test_lookup_continuation_is_the_latest_longest_match():
+    """Against a direct search: for n from the largest down, the last earlier start of the final n tokens."""
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(300):
+        sequence = torch.randint(0, 4, (int(torch.randint(1, 30, (1,), generator=generator)),), generator=generator)
+        max_ngram_size, num_tokens = int(torch.randint(1, 4, (1,))), int(torch.randint(1, 5, (1,)))
+        tokens, expected = sequence.tolist(), []
+        for n in range(min(max_ngram_size, len(tokens) - 1), 0, -1):
+            starts = [i for i in range(len(tokens) - n) if tokens[i : i + n] == tokens[-n:]]
+            if starts:
+                expected = tokens[starts[-1] + n : starts[-1] + n + num_tokens]
+                break
+        assert self_speculative.lookup_continuation(sequence, max_ngram_size, num_tokens).tolist() == expected
+
+
+def test_lookup_length_defaults_to_the_config_and_the_call_overrides_it(agreeing):
+    input_ids = prompt(6, seed=31).repeat(1, 3)
+    agreeing.generate(input_ids, max_new_tokens=12, assistant_early_exit=2)
+    assert agreeing.speculation_stats.lookup_rounds == 0  # the config's default: off
+    agreeing.config.num_lookup_speculations = 3
+    agreeing.generate(input_ids, max_new_tokens=12, assistant_early_exit=2)
+    assert agreeing.speculation_stats.lookup_rounds > 0
+    agreeing.generate(input_ids, max_new_tokens=12, assistant_early_exit=2, prompt_lookup_num_tokens=0)
+    assert agreeing.speculation_stats.lookup_rounds == 0
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [(dict(prompt_lookup_num_tokens=-1), "prompt_lookup_num_tokens"), (dict(max_matching_ngram_size=0), "max_matching")],
+)
+def test_bad_lookup_settings(model, settings, message):
+    with pytest.raises(ValueError, match=message):
+        model.generate(prompt(4), max_new_tokens=4, assistant_early_exit=2, **settings)
+
+
 def test_rejected_drafts_are_cropped_from_every_layer(model):
     input_ids = prompt(10, seed=19)
     plain = plain_greedy(model, input_ids, max_new_tokens=20)
@@ -607,7 +674,6 @@ def test_bad_confidence_threshold(model):
         (dict(num_beams=2), "num_beams=2"),
         (dict(num_beams=2, do_sample=True), "num_beams=2"),
         (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
-        (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens"),
         (dict(num_assistant_tokens_schedule="heuristic"), "num_assistant_tokens_schedule='heuristic'"),
         (dict(cache_implementation="static"), "cache_implementation='static'"),
         (dict(use_cache=False), "use_cache=False"),

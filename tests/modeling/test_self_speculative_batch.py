@@ -71,6 +71,8 @@ def batch_problems(draw):
         prompt_lengths=draw(st.lists(st.integers(1, 40), min_size=batch_size, max_size=batch_size)),
         max_new_tokens=max_new_tokens,
         num_speculations=draw(st.lists(st.integers(1, 6), min_size=NUM_LAYERS - 1, max_size=NUM_LAYERS - 1)),
+        # Lookup drafting off (the config's default) or on.
+        lookup_tokens=draw(st.sampled_from([None, 2, 5])),
         # Which new token of the first row's plain greedy output becomes the eos, if any.
         eos_at=draw(st.none() | st.integers(0, max_new_tokens - 1)),
     )
@@ -80,7 +82,7 @@ NUM_EXAMPLES = 60
 
 
 def test_batched_greedy_equals_plain_batched_greedy_property():
-    cases, ties = [], []
+    cases, ties, lookup_rounds = [], [], []
 
     @settings(max_examples=NUM_EXAMPLES, deadline=None, derandomize=True)
     @given(batch_problems())
@@ -95,15 +97,22 @@ def test_batched_greedy_equals_plain_batched_greedy_property():
         plain = plain_greedy(model, **batch, **common)
         for exit_layer, num_speculations in enumerate(problem["num_speculations"], start=1):
             ours = model.generate(
-                **batch, do_sample=False, assistant_early_exit=exit_layer, num_assistant_tokens=num_speculations, **common
+                **batch,
+                do_sample=False,
+                assistant_early_exit=exit_layer,
+                num_assistant_tokens=num_speculations,
+                prompt_lookup_num_tokens=problem["lookup_tokens"],
+                **common,
             )
+            lookup_rounds.append(model.speculation_stats.lookup_rounds)
             for tie in compare_rows_with_plain(plain, ours, prompt_length):
                 ties.append({**problem, "exit_layer": exit_layer, **tie})
             cases.append((len(problem["prompt_lengths"]), exit_layer, num_speculations))
 
     check()
-    print(f"{len(cases)} cases, {len(ties)} numerical ties excused: {ties}")
+    print(f"{len(cases)} cases ({sum(lookup_rounds)} lookup rounds), {len(ties)} numerical ties excused: {ties}")
     assert len(cases) == NUM_EXAMPLES * (NUM_LAYERS - 1)
+    assert sum(lookup_rounds) >= len(cases), sum(lookup_rounds)  # lookup drafting ran, not only switched on
     batch_sizes = {batch_size for batch_size, _, _ in cases}
     assert {1, 6} <= batch_sizes and len(batch_sizes) >= 5, batch_sizes
 

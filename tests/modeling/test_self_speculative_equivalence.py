@@ -1,6 +1,7 @@
 """Property test: self-speculative greedy decoding equals plain greedy decoding token for token on tiny random
-models, over depths 2-8, every exit layer E, draft lengths 1-8, prompts of 1-64 tokens, an eos inside the output or
-none, and grouped-query versus plain multi-head attention. A divergence is excused only where plain greedy's top-2
+models, over depths 2-8, every exit layer E, draft lengths 1-8, prompts of 1-64 tokens (random, or a repeated
+chunk, where lookup drafting finds matches), lookup drafting off or on (1-6 tokens, n-grams of 1-3), an eos inside
+the output or none, and grouped-query versus plain multi-head attention. A divergence is excused only where plain greedy's top-2
 score gap is below 1e-4 (a numerical tie); each is reported as a warning."""
 
 import torch
@@ -23,6 +24,10 @@ def decoding_problems(draw):
         deep_scale=draw(st.sampled_from([1.0, 0.3, 0.0])),
         seed=draw(st.integers(0, 2**16)),
         prompt_length=draw(st.integers(1, 64)),
+        # A prompt made of one chunk repeated, or random tokens.
+        repeated_chunk=draw(st.none() | st.integers(1, 8)),
+        lookup_tokens=draw(st.sampled_from([None, 1, 3, 6])),
+        lookup_ngram_size=draw(st.integers(1, 3)),
         max_new_tokens=max_new_tokens,
         # One draft length per exit layer E = 1..L-1.
         num_speculations=draw(st.lists(st.integers(1, 8), min_size=num_layers - 1, max_size=num_layers - 1)),
@@ -42,15 +47,23 @@ def build_model(problem):
     return model
 
 
+def problem_prompt(problem, vocab_size: int) -> torch.LongTensor:
+    """`(1, prompt_length)`: random tokens, or one random chunk repeated (lookup drafting then finds matches)."""
+    generator = torch.Generator().manual_seed(problem["seed"])
+    chunk_length = problem["repeated_chunk"] or problem["prompt_length"]
+    chunk = torch.randint(0, vocab_size, (1, chunk_length), generator=generator)
+    return chunk.repeat(1, -(-problem["prompt_length"] // chunk_length))[:, : problem["prompt_length"]]
+
+
 def test_greedy_equals_plain_greedy_property(one_thread):
     cases, ties = [], []
+    lookup_rounds = []  # per case
 
     @settings(max_examples=100, deadline=None, derandomize=True)
     @given(decoding_problems())
     def check(problem):
         model = build_model(problem)
-        generator = torch.Generator().manual_seed(problem["seed"])
-        input_ids = torch.randint(0, model.config.vocab_size, (1, problem["prompt_length"]), generator=generator)
+        input_ids = problem_prompt(problem, model.config.vocab_size)
         common = dict(max_new_tokens=problem["max_new_tokens"])
         plain = plain_greedy(model, input_ids, **common)
         if problem["eos_at"] is not None:
@@ -64,13 +77,17 @@ def test_greedy_equals_plain_greedy_property(one_thread):
                 do_sample=False,
                 assistant_early_exit=exit_layer,
                 num_assistant_tokens=num_speculations,
+                prompt_lookup_num_tokens=problem["lookup_tokens"],
+                max_matching_ngram_size=problem["lookup_ngram_size"],
                 **common,
             )
+            lookup_rounds.append(model.speculation_stats.lookup_rounds)
             tie = compare_with_plain(plain, ours, problem["prompt_length"])
             if tie is not None:
                 ties.append({**problem, "exit_layer": exit_layer, **tie})
             cases.append((problem["seed"], exit_layer, num_speculations))
 
     check()
-    print(f"{len(cases)} cases, {len(ties)} numerical ties excused: {ties}")
+    print(f"{len(cases)} cases ({sum(lookup_rounds)} lookup rounds), {len(ties)} numerical ties excused: {ties}")
     assert len(cases) >= REQUIRED_CASES, len(cases)
+    assert sum(lookup_rounds) >= REQUIRED_CASES, sum(lookup_rounds)  # lookup drafting ran, not only switched on

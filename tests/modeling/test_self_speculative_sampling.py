@@ -46,14 +46,16 @@ def exact_joint(model, prompt=PROMPT, **settings) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def sample_first_two(model, num_samples: int) -> torch.Tensor:
+def sample_first_two(model, num_samples: int, prompt=PROMPT, **settings) -> torch.Tensor:
     """Counts `(vocab_size, vocab_size)` of the first two tokens of `num_samples` self-speculative samples."""
     torch.manual_seed(0)
     counts = torch.zeros(VOCAB_SIZE, VOCAB_SIZE)
     for _ in range(num_samples):
         # Three new tokens, so that the first round drafts two and both go through the acceptance rule.
-        sequence = model.generate(PROMPT, max_new_tokens=3, assistant_early_exit=1, num_assistant_tokens=2, **SAMPLING)
-        first, second = sequence[0, PROMPT.shape[1] : PROMPT.shape[1] + 2].tolist()
+        sequence = model.generate(
+            prompt, max_new_tokens=3, assistant_early_exit=1, num_assistant_tokens=2, **SAMPLING, **settings
+        )
+        first, second = sequence[0, prompt.shape[1] : prompt.shape[1] + 2].tolist()
         counts[first, second] += 1
     return counts
 
@@ -116,6 +118,16 @@ def test_a_draft_over_a_draft_vocabulary_and_an_adapter_keeps_sampling_exact(mod
     assert p_value > 1e-3, p_value
 
 
+def test_lookup_drafts_keep_sampling_exact(model):
+    """The prompt ends as it began (1, 2): lookup drafts what followed (3, 1) in every first round, a proposal with
+    all its mass on one token, which the rule keeps with probability p."""
+    prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    counts = sample_first_two(model, NUM_SAMPLES, prompt, prompt_lookup_num_tokens=2)
+    assert model.speculation_stats.lookup_rounds > 0
+    p_value = chi_square_p_value(counts, exact_joint(model, prompt))
+    assert p_value > 1e-3, p_value
+
+
 def test_each_row_of_a_batch_follows_the_full_model(model):
     """Rows of a batch accept different numbers of drafts per round; each row's first two tokens still follow the
     full model's distribution after its own prompt. The second row's shorter prompt is left-padded."""
@@ -162,4 +174,13 @@ def test_plain_sampling_passes_the_same_test(model):
 def test_a_wrong_acceptance_rule_is_rejected(model, monkeypatch, name, wrong_rule):
     monkeypatch.setattr(self_speculative, name, wrong_rule)
     p_value = chi_square_p_value(sample_first_two(model, NUM_SAMPLES_WRONG_RULE), exact_joint(model))
+    assert p_value < 1e-6, p_value
+
+
+def test_a_wrong_residual_is_rejected_with_lookup_drafts(model, monkeypatch):
+    """With lookup's one-hot proposal the residual is p without the proposed token: drawing from p instead shows."""
+    monkeypatch.setattr(self_speculative, "residual_distribution", lambda target_probs, draft_probs: target_probs)
+    prompt = torch.tensor([[1, 2, 3, 1, 2]])
+    counts = sample_first_two(model, NUM_SAMPLES_WRONG_RULE, prompt, prompt_lookup_num_tokens=2)
+    p_value = chi_square_p_value(counts, exact_joint(model, prompt))
     assert p_value < 1e-6, p_value
