@@ -86,6 +86,15 @@ class LayerSkipConfigArguments(LayerSkipRecipeArguments):
         "config: num_hidden_layers // 4).",
     )
     num_speculations: int | None = _setting("num_speculations", "default draft tokens d per self-speculative round.")
+    num_lookup_speculations: int | None = _setting(
+        "num_lookup_speculations",
+        "default tokens a self-speculative round drafts by lookup, where the sequence's last tokens occurred earlier "
+        "in it (0: never).",
+    )
+    lookup_ngram_size: int | None = _setting("lookup_ngram_size", "longest n-gram lookup drafting matches.")
+    dynamic_exit: bool | None = _setting(
+        "dynamic_exit", "choose each round's draft exit among the exit layer and those with an exit adapter."
+    )
 
     def given(self) -> dict:
         """The settings that were set, as `LayerSkipLlamaConfig` keyword arguments."""

@@ -32,8 +32,8 @@ class CorrectnessArguments:
     tie_tolerance: float | None = field(
         default=None,
         metadata={
-            "help": "Largest logit gap that counts as a numerical tie (unset, by dtype: float32 1e-3, float16 2e-2, "
-            "bfloat16 1e-1).",
+            "help": "Largest logit gap that counts as a numerical tie (unset, by dtype: float32 1e-3; bfloat16 and "
+            "float16 two units in the last place at the logit's magnitude, e.g. 0.25 for a bfloat16 logit of 20).",
             "metavar": "GAP",
         },
     )

@@ -1,5 +1,6 @@
 """Greedy self-speculative decoding against plain greedy decoding, token for token."""
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -9,8 +10,11 @@ from ..modeling.self_speculative import acceptance_rate
 from .metrics import first_mismatch
 from .strategies import Strategy, StrategyRunner
 
-# Logit gaps at or under these count as numerical ties: a different summation order can flip such an argmax.
-DEFAULT_TIE_TOLERANCE = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+# Logit gaps at or under these count as numerical ties: a different summation order can flip such an argmax. In
+# float32 an absolute gap; in half precision, units in the last place at the logit's magnitude (a bfloat16 logit near
+# 20 is a multiple of 0.125, so verifying several positions at once can move it by a step of that size).
+FLOAT32_TIE_TOLERANCE = 1e-3
+HALF_PRECISION_TIE_ULPS = 2
 
 
 @dataclass
@@ -49,9 +53,20 @@ class Mismatch:
     is_tie: bool | None = None
 
 
-def tie_tolerance_for(dtype: torch.dtype, tie_tolerance: float | None = None) -> float:
-    """`tie_tolerance`, or where it is `None` the default for `dtype`."""
-    return DEFAULT_TIE_TOLERANCE.get(dtype, 1e-1) if tie_tolerance is None else tie_tolerance
+def unit_in_last_place(dtype: torch.dtype, magnitude: float) -> float:
+    """The spacing of `dtype`'s numbers at `magnitude` (e.g. 0.125 for bfloat16 in [16, 32))."""
+    info = torch.finfo(dtype)
+    return info.eps * 2.0 ** math.floor(math.log2(max(abs(magnitude), info.tiny)))
+
+
+def tie_tolerance_for(dtype: torch.dtype, tie_tolerance: float | None = None, logit_magnitude: float = 0.0) -> float:
+    """`tie_tolerance`, or where it is `None` the default for `dtype`: `FLOAT32_TIE_TOLERANCE` in float32,
+    `HALF_PRECISION_TIE_ULPS` units in the last place at `logit_magnitude` in bfloat16 and float16."""
+    if tie_tolerance is not None:
+        return tie_tolerance
+    if dtype in (torch.bfloat16, torch.float16):
+        return HALF_PRECISION_TIE_ULPS * unit_in_last_place(dtype, logit_magnitude)
+    return FLOAT32_TIE_TOLERANCE
 
 
 def find_mismatch(
@@ -59,10 +74,11 @@ def find_mismatch(
     input_ids: torch.LongTensor,
     plain_tokens: torch.LongTensor,
     speculative_tokens: torch.LongTensor,
-    tie_tolerance: float,
+    tie_tolerance: float | None = None,
 ) -> Mismatch | None:
     """The first difference of `speculative_tokens` from `plain_tokens` (both `(num_new,)`, after `input_ids`
-    `(1, prompt_length)`), or `None`; a logit gap of at most `tie_tolerance` counts as a numerical tie."""
+    `(1, prompt_length)`), or `None`; a logit gap of at most `tie_tolerance` (unset: by dtype, see
+    `tie_tolerance_for`) counts as a numerical tie."""
     position = first_mismatch(plain_tokens, speculative_tokens)
     if position is None:
         return None
@@ -70,22 +86,27 @@ def find_mismatch(
     if position < min(len(plain_tokens), len(speculative_tokens)):
         mismatch.plain_token = int(plain_tokens[position])
         mismatch.speculative_token = int(speculative_tokens[position])
-        mismatch.logit_gap = logit_gap(model, input_ids, plain_tokens, position, mismatch.speculative_token)
-        mismatch.is_tie = abs(mismatch.logit_gap) <= tie_tolerance
+        logits = next_token_logits(model, input_ids, plain_tokens, position)
+        mismatch.logit_gap = float(logits[mismatch.plain_token] - logits[mismatch.speculative_token])
+        tolerance = tie_tolerance_for(model.dtype, tie_tolerance, float(logits[mismatch.plain_token]))
+        mismatch.is_tie = abs(mismatch.logit_gap) <= tolerance
     return mismatch
 
 
 @torch.inference_mode()
+def next_token_logits(model, input_ids: torch.LongTensor, plain_tokens: torch.LongTensor, position: int) -> torch.Tensor:
+    """The full model's logits `(vocab_size,)` (as float) for new-token `position`: one forward pass over the prompt
+    `input_ids` `(1, prompt_length)` and plain's first `position` new tokens `plain_tokens` `(num_new,)`."""
+    prefix = torch.cat([input_ids, plain_tokens[None, :position].to(input_ids.device)], dim=1)
+    return model(input_ids=prefix, use_cache=False, logits_to_keep=1).logits[0, -1].float()
+
+
 def logit_gap(
     model, input_ids: torch.LongTensor, plain_tokens: torch.LongTensor, position: int, other_token: int
 ) -> float:
-    """Full-model logit of plain's token minus that of `other_token` at new-token `position`.
-
-    `input_ids` `(1, prompt_length)`; `plain_tokens` `(num_new,)`. One forward pass over the prompt and plain's
-    first `position` new tokens.
-    """
-    prefix = torch.cat([input_ids, plain_tokens[None, :position].to(input_ids.device)], dim=1)
-    logits = model(input_ids=prefix, use_cache=False, logits_to_keep=1).logits[0, -1].float()  # (vocab_size,)
+    """Full-model logit of plain's token minus that of `other_token` at new-token `position` (see
+    `next_token_logits`)."""
+    logits = next_token_logits(model, input_ids, plain_tokens, position)
     return float(logits[int(plain_tokens[position])] - logits[other_token])
 
 
@@ -99,7 +120,6 @@ def check_correctness(
     progress: bool = True,
 ) -> list[CorrectnessCheck]:
     """Decodes each prompt plainly once, then self-speculatively at every (E, d) in `pairs`, and compares."""
-    tolerance = tie_tolerance_for(model.dtype, tie_tolerance)
     runner = StrategyRunner(model)
     checks = []
     bar = tqdm(total=len(encoded) * len(pairs), desc="correctness", disable=not progress)
@@ -114,7 +134,7 @@ def check_correctness(
                 len(record.new_tokens),
                 acceptance_rate(record.accepted_tokens, record.drafted_tokens),
             )
-            mismatch = find_mismatch(model, input_ids, plain, record.new_tokens, tolerance)
+            mismatch = find_mismatch(model, input_ids, plain, record.new_tokens, tie_tolerance)
             if mismatch is not None:
                 check.mismatch_position, check.plain_token = mismatch.position, mismatch.plain_token
                 check.speculative_token, check.logit_gap = mismatch.speculative_token, mismatch.logit_gap

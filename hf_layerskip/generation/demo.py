@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..modeling.self_speculative import acceptance_rate
-from .correctness import find_mismatch, tie_tolerance_for
+from .correctness import find_mismatch
 from .strategies import Strategy, StrategyRunner
 
 WARMUP_NEW_TOKENS = 8
@@ -136,7 +136,6 @@ def run_demo(
     most `tie_tolerance` (default by dtype, as `hf-layerskip correctness`) counts as a numerical tie. `on_result`
     sees each result as soon as it is measured (to show it while the next prompt decodes).
     """
-    tolerance = tie_tolerance_for(model.dtype, tie_tolerance)
     common = {}
     if tokenizer.pad_token_id is None and model.generation_config.pad_token_id is None:
         common["pad_token_id"] = tokenizer.eos_token_id
@@ -164,7 +163,7 @@ def run_demo(
             drafted_tokens=record.drafted_tokens,
             accepted_tokens=record.accepted_tokens,
         )
-        mismatch = find_mismatch(model, input_ids, result.plain_tokens, result.speculative_tokens, tolerance)
+        mismatch = find_mismatch(model, input_ids, result.plain_tokens, result.speculative_tokens, tie_tolerance)
         if mismatch is not None:
             result.mismatch_position, result.logit_gap = mismatch.position, mismatch.logit_gap
             result.is_tie = mismatch.is_tie

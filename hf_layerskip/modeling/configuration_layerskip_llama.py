@@ -63,6 +63,9 @@ class LayerSkipLlamaConfig(LlamaConfig):
             Default number of tokens a self-speculative round drafts by lookup (`generate`'s
             `prompt_lookup_num_tokens` overrides it): when the sequence's last tokens occurred earlier in it, the
             round drafts what followed them, with no layer pass, instead of drafting with the early exit. 0 disables.
+        dynamic_exit (`bool`, *optional*, defaults to `False`):
+            Self-speculative decoding chooses each round's draft exit among `assistant_early_exit` and the layers
+            with an exit adapter, by the speed each has measured so far in the call (see `dynamic_drafting.py`).
         lookup_ngram_size (`int`, *optional*, defaults to 2):
             Longest n-gram lookup drafting matches (`generate`'s `max_matching_ngram_size` overrides it); shorter
             ones down to a single token are tried when it does not occur.
@@ -91,6 +94,7 @@ class LayerSkipLlamaConfig(LlamaConfig):
     num_speculations: int = 6
     num_lookup_speculations: int = 0
     lookup_ngram_size: int = 2
+    dynamic_exit: bool = False
     exit_adapter_layers: list[int] | None = None
     exit_adapter_rank: int | None = None
     draft_vocab_size: int | None = None

@@ -13,6 +13,7 @@ This file travels with saved checkpoints as remote code: it may import only torc
 modules.
 """
 
+import copy
 from contextlib import contextmanager
 
 import torch
@@ -95,6 +96,12 @@ class DraftExit:
         self.vocab_size = lm_head_weight.shape[0]
         self.vocab_ids = vocab_ids
         self.weight = lm_head_weight if vocab_ids is None else lm_head_weight.index_select(0, vocab_ids)  # (K, hidden)
+
+    def at(self, model, exit_layer: int) -> "DraftExit":
+        """The same draft exit at `exit_layer`: that exit's adapter, sharing these gathered head rows."""
+        other = copy.copy(self)
+        other.adapter = model.draft_head.adapter(exit_layer)
+        return other
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Float scores `(..., vocab_size)` of the exit layer's output `(..., hidden_size)`; `-inf` outside the

@@ -30,6 +30,8 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria, MaxTime
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
+from .dynamic_drafting import ExitChooser
+
 # Rotary types whose frequencies depend on how long the sequence is so far: their tables cannot be built up front.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 # A batch's cache is compacted once this fraction of its slots, and at least this many, are holes in every row.
@@ -289,6 +291,12 @@ class SelfSpeculativeDecoder:
         self.model = model
         self.exit_layer = generation_config.assistant_early_exit
         self.draft_exit = model.draft_exit(self.exit_layer)
+        # Dynamic drafting: each round's exit among the requested one and those with an exit adapter.
+        self.exit_chooser, self.draft_exits = None, {self.exit_layer: self.draft_exit}
+        if model.config.dynamic_exit:
+            exits = sorted({self.exit_layer, *(model.config.exit_adapter_layers or ())})
+            self.exit_chooser = ExitChooser(exits, model.config.num_hidden_layers)
+            self.draft_exits = {exit_layer: self.draft_exit.at(model, exit_layer) for exit_layer in exits}
         self.num_speculations = generation_config.num_assistant_tokens
         self.confidence_threshold = generation_config.assistant_confidence_threshold or 0.0
         # Lookup drafting: `generate`'s prompt-lookup settings, else the model config's defaults.
@@ -426,6 +434,9 @@ class SelfSpeculativeDecoder:
             ]
             if any(len(continuation) for continuation in looked_up):
                 return self.draft_by_lookup(looked_up)
+        if self.exit_chooser is not None:
+            self.exit_layer = self.exit_chooser.choose()
+            self.draft_exit = self.draft_exits[self.exit_layer]
         budget = max(min(self.num_speculations, room), 0)
         self.open_slots(budget + 1)
         inputs = tokens[rows, lengths - 1]  # the pending tokens
@@ -707,7 +718,9 @@ def self_speculative_decoding(
         # One head call for every row and position: reading the head's weights dominates, not the number of rows.
         raw = model.exit_logits(final_hidden).float()
         rows, lengths = decoder.rows.tolist(), decoder.lengths.tolist()
-        counts.add_round(rows, num_drafted, draft_steps, looked_up=num_drafted > 0 and draft_steps == 0)
+        looked_up = num_drafted > 0 and draft_steps == 0
+        counts.add_round(rows, num_drafted, draft_steps, looked_up)
+        accepted_before = int(counts.accepted_tokens.sum()) if decoder.exit_chooser is not None else 0
         num_kept, finished = torch.zeros_like(decoder.lengths), torch.zeros_like(decoder.rows, dtype=torch.bool)
         for i, (row, length) in enumerate(zip(rows, lengths)):
             row_tokens = tokens[row : row + 1]
@@ -738,6 +751,9 @@ def self_speculative_decoding(
                 raw_logits.extend(raw[i, j : j + 1] for j in range(kept))
             if hidden_states is not None:
                 hidden_states.extend(decoder.take_hidden_states(kept))
+        if decoder.exit_chooser is not None and not looked_up:
+            accepted = int(counts.accepted_tokens.sum()) - accepted_before
+            decoder.exit_chooser.record(decoder.exit_layer, len(rows), num_drafted * len(rows), accepted)
         decoder.advance(num_kept, finished)
 
     if streamer is not None:

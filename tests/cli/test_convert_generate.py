@@ -69,11 +69,15 @@ def test_convert_sets_every_layerskip_field(tmp_path, capsys):
         "--early-exit-layers": ["2", "3"],
         "--exit-layer": ["4"],
         "--num-speculations": ["5"],
+        "--num-lookup-speculations": ["4"],
+        "--lookup-ngram-size": ["3"],
+        "--dynamic-exit": ["true"],
     }
     expected = dict(
         layer_dropout_max=0.3, layer_dropout_scale="linear", layer_dropout_layers=[1, 4], early_exit_loss_scale=0.2,
         early_exit_layer_weighting="sqrt", early_exit_curriculum="gradual", early_exit_curriculum_period=3,
         early_exit_gradual_fraction=0.25, early_exit_layers=[2, 3], exit_layer=4, num_speculations=5,
+        num_lookup_speculations=4, lookup_ngram_size=3, dynamic_exit=True,
     )
     assert set(expected) == {field.name for field in dataclasses.fields(LayerSkipConfigArguments)}
     argv = ["convert", str(tmp_path / "llama"), str(tmp_path / "out"), "--dtype", "bfloat16"]

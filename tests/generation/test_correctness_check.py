@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import hf_layerskip.modeling.self_speculative as self_speculative
-from hf_layerskip.generation.correctness import check_correctness, logit_gap
+from hf_layerskip.generation.correctness import check_correctness, logit_gap, tie_tolerance_for, unit_in_last_place
 
 PROMPTS = [torch.tensor([[5, 17, 42, 9, 77]]), torch.tensor([[100, 3, 3, 8]])]
 PAIRS = [(2, 1), (3, 4)]
@@ -61,3 +61,14 @@ def test_logit_gap_is_read_from_the_full_model(model):
     assert logit_gap(model, PROMPTS[1], plain, 2, 7) == pytest.approx(float(logits[plain[2]] - logits[7]), rel=1e-5)
     assert logit_gap(model, PROMPTS[1], plain, 2, int(plain[2])) == 0.0
     assert float(logits[plain[2]]) == pytest.approx(float(logits.max()))  # plain greedy took the argmax
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("magnitude", [0.3, 1.0, 7.9, 20.0, -33.0])
+def test_half_precision_ties_are_units_in_the_last_place(dtype, magnitude):
+    """Against the dtype itself: the distance from a number to the next one up."""
+    value = torch.tensor(abs(magnitude), dtype=dtype)
+    spacing = float(torch.nextafter(value, torch.tensor(float("inf"), dtype=dtype)) - value)
+    assert unit_in_last_place(dtype, magnitude) == spacing
+    assert tie_tolerance_for(dtype, logit_magnitude=magnitude) == 2 * spacing
+    assert tie_tolerance_for(dtype, 0.5, magnitude) == 0.5  # an explicit tolerance wins

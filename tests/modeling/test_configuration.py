@@ -29,6 +29,8 @@ OUT_OF_RANGE = [
     ("exit_layer", 0, "[1, 5]"),
     ("exit_layer", 6, "[1, 5]"),
     ("num_speculations", 0, "[1, inf]"),
+    ("num_lookup_speculations", -1, "[0, inf]"),
+    ("lookup_ngram_size", 0, "[1, inf]"),
     ("exit_adapter_layers", [0], "[1, 5]"),
     ("exit_adapter_layers", [3, 6], "[1, 5]"),
     ("exit_adapter_rank", 0, "[1, 64]"),
@@ -36,8 +38,12 @@ OUT_OF_RANGE = [
 ]
 
 
+# Switches: their type is all there is to check (see the wrongly typed values below).
+BOOLEAN_FIELDS = {"dynamic_exit"}
+
+
 def test_every_layerskip_field_has_a_rejection_case():
-    assert {field for field, _, _ in OUT_OF_RANGE} == set(LAYERSKIP_FIELDS)
+    assert {field for field, _, _ in OUT_OF_RANGE} == set(LAYERSKIP_FIELDS) - BOOLEAN_FIELDS
 
 
 def test_fixed_curriculum_needs_its_exit_layers():
@@ -63,7 +69,13 @@ def test_out_of_range_values_raise_value_error_naming_value_and_range(field, val
 
 @pytest.mark.parametrize(
     "field, value",
-    [("layer_dropout_max", "0.1"), ("exit_layer", 2.5), ("num_speculations", 1.5), ("layer_dropout_layers", [1.5])],
+    [
+        ("layer_dropout_max", "0.1"),
+        ("exit_layer", 2.5),
+        ("num_speculations", 1.5),
+        ("layer_dropout_layers", [1.5]),
+        ("dynamic_exit", "yes"),
+    ],
 )
 def test_wrongly_typed_values_are_rejected_naming_field_and_value(field, value):
     with pytest.raises(StrictDataclassFieldValidationError, match=re.escape(field)) as error:
@@ -102,6 +114,9 @@ def test_save_and_load_round_trip(tmp_path):
         early_exit_gradual_fraction=0.75,
         exit_layer=4,
         num_speculations=2,
+        num_lookup_speculations=5,
+        lookup_ngram_size=3,
+        dynamic_exit=True,
         exit_adapter_layers=[2, 4],
         exit_adapter_rank=16,
         draft_vocab_size=100,
