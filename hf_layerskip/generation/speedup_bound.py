@@ -99,6 +99,7 @@ def measure_step_costs(
         num_assistant_tokens=num_speculations,
         do_sample=False,
         max_length=prompt_length + num_speculations + 1,  # room for exactly d drafts
+        prompt_lookup_num_tokens=0,  # the early exit's draft, whatever the model's lookup default
     )
     cache = DynamicCache(config=model.config)
     decoder = SelfSpeculativeDecoder(model, config, None, input_ids, cache, None)
