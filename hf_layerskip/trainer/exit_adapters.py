@@ -193,7 +193,7 @@ def exit_agreement(
 ) -> ExitAgreement:
     """How the draft exit at `exit_layer`, through `adapter` and over `vocab_ids`, agrees with the full model on
     `states`, and its calibration at `thresholds`."""
-    draft = DraftExit(model.model.norm, model.lm_head.weight, adapter, vocab_ids)
+    draft = DraftExit(model.model.norm, model.lm_head.weight, adapter, vocab_ids, model.final_logit_softcap)
     counts = ExitAgreement(tuple(thresholds))
     hidden = states.exit_hidden[exit_layer]
     for start in range(0, len(states), batch_size):
