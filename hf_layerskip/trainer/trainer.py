@@ -21,7 +21,7 @@ def layerskip_base_model(model):
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "exit_logits"):
         raise TypeError(
-            f"LayerSkipTrainer needs a model with `exit_logits` (LayerSkipLlamaForCausalLM), got {type(base).__name__}."
+            f"LayerSkipTrainer needs a model with `exit_logits` (a LayerSkip causal LM), got {type(base).__name__}."
         )
     return base
 
