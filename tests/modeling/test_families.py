@@ -11,6 +11,7 @@ from conftest import (
     compare_rows_with_plain,
     scale_residual_branches,
     stock_copy,
+    tiny_config,
     tiny_model,
 )
 from hypothesis import given, settings
@@ -202,3 +203,16 @@ def test_sampling_is_exact_on_gemma3():
     assert (draft - full).abs().sum() > 0.2, "the draft should be far from the full model"
     # As many samples as reject a wrong acceptance rule on Llama: a Gemma 3 call costs about twice a Llama one.
     assert chi_square_p_value(sample_first_two(model, NUM_SAMPLES_WRONG_RULE), full) > 1e-3
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_each_family_config_validates_the_layerskip_settings(family):
+    config = tiny_config(family, num_hidden_layers=4)
+    assert config.exit_layer == 1 and config.layer_dropout_max == 0.1  # the shared defaults
+    with pytest.raises(ValueError, match=r"`exit_layer` must be in \[1, 3\], got 4"):
+        tiny_config(family, num_hidden_layers=4, exit_layer=4)
+
+
+def test_gemma3_bidirectional_attention_is_rejected():
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+        tiny_config("gemma3_text", use_bidirectional_attention=True)
