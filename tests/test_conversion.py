@@ -141,15 +141,21 @@ def test_unknown_setting_is_rejected(llama_dir, tmp_path):
         convert(source, tmp_path / "layerskip", exit_layr=2)
 
 
-@pytest.mark.parametrize("family", OTHER_FAMILIES)
-def test_each_family_converts_and_loads_back_into_the_stock_class(tmp_path, family):
-    layerskip_config = tiny_config(family, num_hidden_layers=4, eos_token_id=2, pad_token_id=2)
+def save_tiny_stock(directory: Path, family: str, num_layers: int = 4):
+    """Saves a random stock model of `family` (the tiny config of `conftest`) and the tiny tokenizer; returns it."""
+    layerskip_config = tiny_config(family, num_hidden_layers=num_layers, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     settings = {k: v for k, v in layerskip_config.to_dict().items() if k not in ("model_type", "architectures")}
     torch.manual_seed(0)
     stock = stock_class(FAMILIES[family][2])(stock_class(FAMILIES[family][0])(**settings)).eval()
+    stock.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return stock
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_each_family_converts_and_loads_back_into_the_stock_class(tmp_path, family):
     source = tmp_path / family
-    stock.save_pretrained(source)
-    tiny_tokenizer().save_pretrained(source)
+    stock = save_tiny_stock(source, family)
 
     output = convert(source, tmp_path / "layerskip", exit_layer=2)
     converted = AutoModelForCausalLM.from_pretrained(output).eval()
