@@ -1,7 +1,8 @@
 """hf_layerskip: LayerSkip (arXiv 2404.16710) for Hugging Face Transformers.
 
-Importing it registers `LayerSkipLlamaConfig`, `LayerSkipLlamaModel` and `LayerSkipLlamaForCausalLM` with the Auto
-classes, and marks them so that `save_pretrained` ships their code for `trust_remote_code=True` loading.
+Importing it registers each family's LayerSkip config, base model and causal LM (Llama, Qwen2, Qwen3, Mistral,
+Gemma 3 text, Phi-3) with the Auto classes, and marks them so that `save_pretrained` ships their code for
+`trust_remote_code=True` loading.
 """
 
 import importlib
@@ -9,17 +10,18 @@ import importlib
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .modeling import *  # noqa: F403
-from .modeling import LayerSkipLlamaConfig, LayerSkipLlamaForCausalLM, LayerSkipLlamaModel
+from .modeling import FAMILIES
 from .modeling import __all__ as _modeling_all
 
 __version__ = "0.1.0"
 
-AutoConfig.register(LayerSkipLlamaConfig.model_type, LayerSkipLlamaConfig)
-AutoModel.register(LayerSkipLlamaConfig, LayerSkipLlamaModel)
-AutoModelForCausalLM.register(LayerSkipLlamaConfig, LayerSkipLlamaForCausalLM)
-LayerSkipLlamaConfig.register_for_auto_class()
-LayerSkipLlamaModel.register_for_auto_class("AutoModel")
-LayerSkipLlamaForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+for _config, _model, _causal_lm in FAMILIES.values():
+    AutoConfig.register(_config.model_type, _config)
+    AutoModel.register(_config, _model)
+    AutoModelForCausalLM.register(_config, _causal_lm)
+    _config.register_for_auto_class()
+    _model.register_for_auto_class("AutoModel")
+    _causal_lm.register_for_auto_class("AutoModelForCausalLM")
 
 # Loaded on first use, as trl exports its trainers: the trainer imports `transformers.Trainer`, which
 # `import hf_layerskip` should not pay for.

@@ -1,4 +1,5 @@
-"""Turn a Hugging Face Llama directory or a Llama-architecture GGUF file into a LayerSkip checkpoint."""
+"""Turn a Hugging Face checkpoint directory (Llama, Qwen2, Qwen3, Mistral, Gemma 3 text, Phi-3) or a GGUF file of one
+into a LayerSkip checkpoint of the same family."""
 
 import importlib.util
 from pathlib import Path
@@ -6,10 +7,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from .modeling import LayerSkipLlamaConfig, LayerSkipLlamaForCausalLM
-from .modeling.configuration_layerskip_llama import DRAFT_HEAD_FIELDS, LAYERSKIP_FIELDS
+from .modeling import FAMILIES
+from .modeling.configuration_layerskip import DRAFT_HEAD_FIELDS, LAYERSKIP_FIELDS
 
-LLAMA_MODEL_TYPES = ("llama", LayerSkipLlamaConfig.model_type)
+# The model types that convert, stock or already LayerSkip, each to its family's LayerSkip config and causal LM.
+CONVERTIBLE_MODEL_TYPES = {
+    **{model_type: (config, causal_lm) for model_type, (config, _, causal_lm) in FAMILIES.items()},
+    **{config.model_type: (config, causal_lm) for config, _, causal_lm in FAMILIES.values()},
+}
 # Keys of a source config that describe how or where it was stored, not the architecture. Keys starting with "_"
 # (`_name_or_path`, GGUF's `_model_name_or_path`) are dropped too.
 _SOURCE_ONLY_CONFIG_KEYS = ("model_type", "architectures", "quantization_config", "auto_map", "dtype", "transformers_version")
@@ -29,12 +34,14 @@ def split_source(source: str | Path) -> tuple[Path, str | None]:
     return source, None
 
 
-def _require_llama(model_type: str, source) -> None:
-    if model_type not in LLAMA_MODEL_TYPES:
+def layerskip_classes(model_type: str, source) -> tuple[type, type]:
+    """The LayerSkip config and causal-LM classes for a source's `model_type`."""
+    if model_type not in CONVERTIBLE_MODEL_TYPES:
         raise ValueError(
-            f"Only Llama-architecture models convert to LayerSkip, got model_type={model_type!r} from {source} "
-            f"(allowed: {', '.join(LLAMA_MODEL_TYPES)})."
+            f"No LayerSkip family for model_type={model_type!r} from {source} "
+            f"(allowed: {', '.join(CONVERTIBLE_MODEL_TYPES)})."
         )
+    return CONVERTIBLE_MODEL_TYPES[model_type]
 
 
 def _check_settings(layerskip_settings: dict) -> None:
@@ -50,10 +57,11 @@ def _check_settings(layerskip_settings: dict) -> None:
 def load_as_layerskip(
     source: str | Path, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **layerskip_settings
 ):
-    """Loads a Llama checkpoint (directory or GGUF) as a `LayerSkipLlamaForCausalLM` with plain, unquantized weights.
+    """Loads a checkpoint (directory or GGUF) of a supported family as that family's LayerSkip causal LM
+    (`LayerSkipQwen2ForCausalLM` for a Qwen2 checkpoint, ...) with plain, unquantized weights.
 
     A model loaded from GGUF is marked quantized and refuses `save_pretrained`, so its dequantized weights are
-    moved into a fresh model. `layerskip_settings` are `LayerSkipLlamaConfig` fields (`exit_layer=8`, ...); `None`
+    moved into a fresh model. `layerskip_settings` are LayerSkip config fields (`exit_layer=8`, ...); `None`
     values keep the source's or the default value. `trust_remote_code` is passed to every loader (for sources
     with a custom tokenizer or config class). Returns `(model, tokenizer)`.
     """
@@ -62,13 +70,13 @@ def load_as_layerskip(
     loader_kwargs = dict(gguf_file=gguf_file, trust_remote_code=trust_remote_code)
     # Reading a GGUF file's config costs as much as loading its weights, so GGUF sources are checked after loading.
     if gguf_file is None:
-        _require_llama(AutoConfig.from_pretrained(directory, **loader_kwargs).model_type, source)
+        layerskip_classes(AutoConfig.from_pretrained(directory, **loader_kwargs).model_type, source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **loader_kwargs)
     except (OSError, ValueError) as error:
         raise ValueError(f"Could not load a tokenizer from {source}; a checkpoint needs one. ({error})") from error
     source_model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **loader_kwargs)
-    _require_llama(source_model.config.model_type, source)
+    config_class, causal_lm_class = layerskip_classes(source_model.config.model_type, source)
 
     settings = {
         key: value
@@ -76,9 +84,9 @@ def load_as_layerskip(
         if key not in _SOURCE_ONLY_CONFIG_KEYS and not key.startswith("_")
     }
     settings.update({key: value for key, value in layerskip_settings.items() if value is not None})
-    config = LayerSkipLlamaConfig(**settings)
+    config = config_class(**settings)
     with torch.device("meta"):
-        model = LayerSkipLlamaForCausalLM(config)
+        model = causal_lm_class(config)
     model.load_state_dict(source_model.state_dict(), strict=True, assign=True)
     _copy_non_persistent_buffers(source_model, model)
     model.tie_weights()
@@ -98,7 +106,7 @@ def _copy_non_persistent_buffers(source: torch.nn.Module, target: torch.nn.Modul
             target.get_submodule(module_name).register_buffer(buffer_name, source_buffers[name], persistent=False)
 
 
-def speculation_defaults(config: LayerSkipLlamaConfig) -> dict:
+def speculation_defaults(config) -> dict:
     """Generation-config settings that make `generate(assistant_early_exit=E)` draft `config.num_speculations`."""
     return {"num_assistant_tokens": config.num_speculations, "assistant_confidence_threshold": 0.0}
 
@@ -110,7 +118,8 @@ def convert(
     trust_remote_code: bool = False,
     **layerskip_settings,
 ) -> Path:
-    """Converts `source` (Llama directory or GGUF file) into a LayerSkip checkpoint at `output_dir`.
+    """Converts `source` (a checkpoint directory or GGUF file of a supported family) into a LayerSkip checkpoint of
+    that family at `output_dir`.
 
     The checkpoint holds safetensors weights, the config, the tokenizer, the generation config and the model's
     code, so it loads with `trust_remote_code=True` where `hf_layerskip` is not installed.

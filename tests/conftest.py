@@ -6,13 +6,38 @@ import warnings
 import pytest
 import torch
 
-from hf_layerskip import LayerSkipLlamaConfig, LayerSkipLlamaForCausalLM
+from hf_layerskip import FAMILIES, LayerSkipLlamaConfig, LayerSkipLlamaForCausalLM
 
 TIE_GAP = 1e-4  # a top-2 logit gap below this is a numerical tie: either token is a correct greedy choice
 
+# What each family's tiny config sets beyond the common settings: the feature that family adds, small enough to matter
+# in short sequences (sliding windows of 4 positions, Gemma 3's sliding and global layers with their two rotary
+# embeddings, a soft-capping that changes the logits).
+FAMILY_SETTINGS = {
+    "llama": {},
+    "qwen2": dict(use_sliding_window=True, sliding_window=4, max_window_layers=3),  # layers 3.. slide
+    "qwen3": dict(use_sliding_window=True, sliding_window=4, max_window_layers=2, head_dim=16),  # q/k norms
+    "mistral": dict(sliding_window=4),  # every layer slides
+    "gemma3_text": dict(
+        sliding_window=4,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        final_logit_softcapping=2.0,
+        attn_logit_softcapping=5.0,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    ),
+    "phi3": dict(sliding_window=4),  # fused projections; every layer slides
+}
+ALL_FAMILIES = tuple(FAMILIES)
+OTHER_FAMILIES = tuple(family for family in FAMILIES if family != "llama")
 
-def tiny_config(**overrides) -> LayerSkipLlamaConfig:
-    """A few layers, so that exits mean something; GQA by default."""
+
+def tiny_config(family: str = "llama", **overrides):
+    """A few layers, so that exits mean something; GQA by default. `family` is a stock `model_type` of `FAMILIES`."""
     settings = dict(
         vocab_size=128,
         hidden_size=64,
@@ -25,13 +50,46 @@ def tiny_config(**overrides) -> LayerSkipLlamaConfig:
         eos_token_id=None,
         pad_token_id=None,
     )
+    settings.update(FAMILY_SETTINGS[family])
     settings.update(overrides)
-    return LayerSkipLlamaConfig(**settings)
+    if family == "gemma3_text" and "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        pattern = ["sliding_attention", "sliding_attention", "full_attention"]
+        settings["layer_types"] = [pattern[i % 3] for i in range(settings["num_hidden_layers"])]
+    config_class = FAMILIES[family][0]
+    return config_class(**settings)
 
 
-def tiny_model(seed: int = 0, **overrides) -> LayerSkipLlamaForCausalLM:
+def tiny_model(seed: int = 0, family: str = "llama", **overrides):
     torch.manual_seed(seed)
-    return LayerSkipLlamaForCausalLM(tiny_config(**overrides)).eval()
+    return FAMILIES[family][2](tiny_config(family, **overrides)).eval()
+
+
+def scale_residual_branches(layers, scale: float) -> None:
+    """Multiplies what each of `layers` adds to the residual stream by `scale` (0 makes them identities): the output
+    projections, or, where a norm follows them (Gemma's sandwich norms, which would undo a scaled projection), the
+    gain of that norm (`1 + weight` in Gemma's RMSNorm)."""
+    with torch.no_grad():
+        for layer in layers:
+            if hasattr(layer, "post_feedforward_layernorm"):
+                for norm in (layer.post_attention_layernorm, layer.post_feedforward_layernorm):
+                    norm.weight.copy_((1 + norm.weight) * scale - 1)
+            else:
+                layer.self_attn.o_proj.weight.mul_(scale)
+                layer.mlp.down_proj.weight.mul_(scale)
+
+
+def stock_class(layerskip_class: type) -> type:
+    """The stock transformers class a LayerSkip class mixes into (`LayerSkipQwen2ForCausalLM` -> `Qwen2ForCausalLM`)."""
+    return next(cls for cls in layerskip_class.__mro__[1:] if not cls.__name__.startswith("LayerSkip"))
+
+
+def stock_copy(model):
+    """An independent stock model (same family, same class kind) holding a copy of `model`'s weights."""
+    settings = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
+    config = stock_class(type(model.config))(**settings)
+    stock = stock_class(type(model))(config).eval()
+    stock.load_state_dict(model.state_dict())
+    return stock
 
 
 @pytest.fixture

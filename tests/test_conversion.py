@@ -1,4 +1,4 @@
-"""Conversion of a Hugging Face Llama directory into a LayerSkip checkpoint (tiny, offline).
+"""Conversion of a Hugging Face checkpoint directory (each family) into a LayerSkip checkpoint (tiny, offline).
 
 `tiny_tokenizer`, `save_tiny_llama` and `save_tiny_adapter` are also used by other tests.
 """
@@ -8,19 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import OTHER_FAMILIES, stock_class, tiny_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from torch.testing import assert_close
 from transformers import (
+    AutoModelForCausalLM,
     AutoTokenizer,
     GenerationConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
     PreTrainedTokenizerFast,
 )
 
-from hf_layerskip import LayerSkipLlamaForCausalLM
+from hf_layerskip import FAMILIES, LayerSkipLlamaForCausalLM
 from hf_layerskip.conversion import convert, load_as_layerskip
 
 VOCAB_SIZE = 128
@@ -139,15 +141,37 @@ def test_unknown_setting_is_rejected(llama_dir, tmp_path):
         convert(source, tmp_path / "layerskip", exit_layr=2)
 
 
-def test_non_llama_model_is_rejected_before_loading_weights(tmp_path):
-    source = tmp_path / "mistral"
-    config = MistralConfig(
-        vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    MistralForCausalLM(config).save_pretrained(source)
+def save_tiny_stock(directory: Path, family: str, num_layers: int = 4):
+    """Saves a random stock model of `family` (the tiny config of `conftest`) and the tiny tokenizer; returns it."""
+    layerskip_config = tiny_config(family, num_hidden_layers=num_layers, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    settings = {k: v for k, v in layerskip_config.to_dict().items() if k not in ("model_type", "architectures")}
+    torch.manual_seed(0)
+    stock = stock_class(FAMILIES[family][2])(stock_class(FAMILIES[family][0])(**settings)).eval()
+    stock.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+    return stock
+
+
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_each_family_converts_and_loads_back_into_the_stock_class(tmp_path, family):
+    source = tmp_path / family
+    stock = save_tiny_stock(source, family)
+
+    output = convert(source, tmp_path / "layerskip", exit_layer=2)
+    converted = AutoModelForCausalLM.from_pretrained(output).eval()
+    assert type(converted) is FAMILIES[family][2]
+    assert converted.config.exit_layer == 2
+    input_ids = torch.randint(0, VOCAB_SIZE, (2, 9))
+    assert_close(converted(input_ids).logits, stock(input_ids).logits)
+    back = type(stock).from_pretrained(output).eval()
+    assert_close(back(input_ids).logits, stock(input_ids).logits)
+
+
+def test_unsupported_model_type_is_rejected_before_loading_weights(tmp_path):
+    source = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_embd=64, n_layer=2, n_head=4)).save_pretrained(source)
     (source / "model.safetensors").write_bytes(b"not weights")  # never read
-    with pytest.raises(ValueError, match="model_type='mistral'"):
+    with pytest.raises(ValueError, match="model_type='gpt2'.*allowed: llama, qwen2"):
         convert(source, tmp_path / "layerskip")
 
 

@@ -1,4 +1,4 @@
-"""`hf-layerskip convert SRC OUT`: a Llama directory or GGUF file -> a LayerSkip checkpoint; `--default`: SmolLM2."""
+"""`hf-layerskip convert SRC OUT`: a checkpoint directory or GGUF file -> a LayerSkip checkpoint; `--default`: SmolLM2."""
 
 import argparse
 from dataclasses import dataclass, field
@@ -45,10 +45,10 @@ def add_parser(subparsers) -> None:
         subparsers,
         "convert",
         ARGUMENT_TYPES,
-        help="turn a Llama directory or GGUF file into a LayerSkip checkpoint",
+        help="turn a checkpoint directory or GGUF file into a LayerSkip checkpoint",
         description=(
-            "Convert a Hugging Face Llama model directory, or a Llama-architecture .gguf file (dequantized), into a "
-            "LayerSkip checkpoint: safetensors weights, config, tokenizer, generation config and the model code "
+            "Convert a Hugging Face model directory of a supported family (Llama, Qwen2, Qwen3, Mistral, Gemma 3 "
+            "text, Phi-3), or a .gguf file of one (dequantized), into a LayerSkip checkpoint of that family: safetensors weights, config, tokenizer, generation config and the model code "
             "(loadable with trust_remote_code=True). Prints the checkpoint directory. LayerSkip settings left unset "
             "keep the source's value, or the config's default."
         ),

@@ -104,11 +104,11 @@ def load_checkpoint(model_path, dtype: torch.dtype, device: str):
     """`(model, tokenizer)` through the Auto classes, which `import hf_layerskip` taught the LayerSkip model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..modeling import LayerSkipLlamaForCausalLM
+    from ..modeling import LayerSkipForCausalLMMixin
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(device).eval()
-    if not isinstance(model, LayerSkipLlamaForCausalLM):
+    if not isinstance(model, LayerSkipForCausalLMMixin):
         raise SystemExit(
             f"hf-layerskip generate: {model_path} holds a {type(model).__name__}, not a LayerSkip checkpoint; "
             f"convert it first: hf-layerskip convert {model_path} OUT"

@@ -183,7 +183,7 @@ def load_model(path, dtype_name: str, device_name: str, command: str):
     """`(model, tokenizer)` of a LayerSkip checkpoint (default: the converted SmolLM2), in eval mode on the device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..modeling import LayerSkipLlamaForCausalLM
+    from ..modeling import LayerSkipForCausalLMMixin
 
     if path is None:
         from ..defaults import default_checkpoint
@@ -191,7 +191,7 @@ def load_model(path, dtype_name: str, device_name: str, command: str):
         path = default_checkpoint()
     device = resolve_device(device_name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype_name, device)).to(device).eval()
-    if not isinstance(model, LayerSkipLlamaForCausalLM):
+    if not isinstance(model, LayerSkipForCausalLMMixin):
         raise SystemExit(
             f"hf-layerskip {command}: {path} holds a {type(model).__name__}, not a LayerSkip checkpoint; "
             f"convert it first: hf-layerskip convert {path} OUT"

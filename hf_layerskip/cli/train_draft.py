@@ -122,11 +122,11 @@ def train_draft(options: TrainDraftArguments, adapter_args, progress: bool = Tru
     """Runs the stages above and saves the checkpoint; returns the report."""
     import torch
     from safetensors.torch import load_file, save_file
-    from transformers import AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..defaults import DECODING_SETTINGS, apply_decoding_settings, base_checkpoint, export_draft_head
     from ..generation.layer_quality import tokenize_texts
-    from ..modeling import LayerSkipLlamaForCausalLM
+    from ..modeling import LayerSkipForCausalLMMixin
     from ..modeling.draft_head import ExitAdapter
     from ..trainer.exit_adapters import (
         build_draft_vocab,
@@ -140,7 +140,12 @@ def train_draft(options: TrainDraftArguments, adapter_args, progress: bool = Tru
     source = options.model or base_checkpoint()
     output_dir = Path(options.output_dir)
     work_dir = Path(options.work_dir) if options.work_dir else output_dir / "work"
-    model = LayerSkipLlamaForCausalLM.from_pretrained(source, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    if not isinstance(model, LayerSkipForCausalLMMixin):
+        raise SystemExit(
+            f"hf-layerskip train-draft: {source} holds a {type(model).__name__}, not a LayerSkip checkpoint; "
+            f"convert it first: hf-layerskip convert {source} OUT"
+        )
     model = model.to(resolve_device(options.device)).eval().requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source)
     train_texts, held_out_texts = draft_texts(model, tokenizer, options, work_dir / "data")

@@ -2,13 +2,18 @@
 
 import copy
 
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from ..modeling import LayerSkipLlamaForCausalLM
+from ..modeling import LayerSkipConfigMixin, LayerSkipForCausalLMMixin
 
 
-def plain_llama_view(model: LayerSkipLlamaForCausalLM) -> LlamaForCausalLM:
-    """A `LlamaForCausalLM` that shares `model`'s parameters (no copy).
+def _stock_class(layerskip_class: type, mixin: type) -> type:
+    """The stock transformers class a LayerSkip class mixes `mixin` into (`LayerSkipQwen2ForCausalLM` ->
+    `Qwen2ForCausalLM`)."""
+    return next(cls for cls in layerskip_class.__mro__ if cls is not mixin and not issubclass(cls, mixin))
+
+
+def plain_llama_view(model):
+    """The stock causal LM of `model`'s family (`LlamaForCausalLM` for Llama, `Qwen2ForCausalLM` for Qwen2, ...)
+    sharing `model`'s parameters (no copy).
 
     Its `generate(assistant_early_exit=E)` runs transformers' `EarlyExitCandidateGenerator`, which keeps a second
     KV cache for the draft and verifies with all layers. That generator reads the draft length and confidence
@@ -17,7 +22,8 @@ def plain_llama_view(model: LayerSkipLlamaForCausalLM) -> LlamaForCausalLM:
     (a constant draft length, as ours).
     """
     settings = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
-    llama = LlamaForCausalLM(LlamaConfig(**settings)).to(device=model.device, dtype=model.dtype)
+    config = _stock_class(type(model.config), LayerSkipConfigMixin)(**settings)
+    llama = _stock_class(type(model), LayerSkipForCausalLMMixin)(config).to(device=model.device, dtype=model.dtype)
     # The draft head (exit adapters, draft vocabulary) is ours alone: the built-in path drafts through the plain exit.
     weights = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("draft_head.")}
     llama.load_state_dict(weights, assign=True)

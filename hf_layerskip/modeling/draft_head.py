@@ -88,10 +88,14 @@ class DraftExit:
     Args:
         norm: the model's final norm. lm_head_weight: `(vocab_size, hidden_size)`.
         adapter: the exit's adapter, or `None`. vocab_ids: the draft vocabulary `(K,)`, or `None` for all ids.
+        softcap: the model's final-logit soft-capping `cap` (`cap · tanh(scores / cap)`), or `None`.
     """
 
-    def __init__(self, norm, lm_head_weight: torch.Tensor, adapter: ExitAdapter | None, vocab_ids=None):
+    def __init__(
+        self, norm, lm_head_weight: torch.Tensor, adapter: ExitAdapter | None, vocab_ids=None, softcap=None
+    ):
         self.norm = norm
+        self.softcap = softcap
         self.adapter = adapter
         self.vocab_size = lm_head_weight.shape[0]
         self.vocab_ids = vocab_ids
@@ -107,7 +111,10 @@ class DraftExit:
         """Float scores `(..., vocab_size)` of the exit layer's output `(..., hidden_size)`; `-inf` outside the
         draft vocabulary, so the draft's distribution is supported on it (speculative sampling stays exact)."""
         hidden = self.adapter(hidden_states) if self.adapter is not None else hidden_states
-        scores = nn.functional.linear(self.norm(hidden), self.weight).float()
+        scores = nn.functional.linear(self.norm(hidden), self.weight)
+        if self.softcap is not None:
+            scores = torch.tanh(scores / self.softcap) * self.softcap
+        scores = scores.float()
         if self.vocab_ids is None:
             return scores
         full = scores.new_full((*scores.shape[:-1], self.vocab_size), float("-inf"))

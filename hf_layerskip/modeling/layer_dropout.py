@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .configuration_layerskip_llama import LAYER_DROPOUT_SCALES, _check_choice, _check_range
+from .configuration_layerskip import LAYER_DROPOUT_SCALES, _check_choice, _check_range
 
 
 def layer_dropout_rates(

@@ -23,6 +23,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
+from torch.utils._pytree import tree_map
 from transformers.cache_utils import DynamicCache
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import LogitsProcessorList, PrefixConstrainedLogitsProcessor
@@ -339,17 +340,20 @@ class SelfSpeculativeDecoder:
         self.next_positions = self.slot_positions[:, prompt_length - 1].clone()  # (num_active,): of the pending tokens
         self.filled = 0
         rotary = model.model.rotary_emb
-        self.rotary_tables = None  # cos and sin, each (max_length, head_dim), indexed by position
+        # cos and sin, each (max_length, head_dim), indexed by position; a dict of them per layer type where the
+        # model's rotary embedding differs by layer type (`position_embeddings`).
+        self.rotary_tables = None
         if not any(kind in str(rotary.rope_type) for kind in _LENGTH_DEPENDENT_ROPE):
             all_positions = torch.arange(self.max_length, device=device)[None]
-            self.rotary_tables = tuple(table[0] for table in rotary(model.model.embed_tokens.weight, all_positions))
+            tables = model.model.position_embeddings(model.model.embed_tokens.weight, all_positions)
+            self.rotary_tables = tree_map(lambda table: table[0], tables)
 
     @property
     def num_active(self) -> int:
         return len(self.rows)
 
     def run_layers(self, hidden_states: torch.Tensor, first_layer: int, end_layer: int) -> torch.Tensor:
-        """[`LayerSkipLlamaModel.run_layers`] on the slots right after those the cache of `first_layer` holds.
+        """[`LayerSkipModelMixin.run_layers`] on the slots right after those the cache of `first_layer` holds.
 
         `hidden_states` `(num_active, query_length, hidden_size)` is the input of `first_layer`; returns the output of
         `end_layer - 1`, same shape. Records each layer's output with `output_hidden_states`.
@@ -359,7 +363,7 @@ class SelfSpeculativeDecoder:
         position_ids = self.slot_positions[:, start:end]
         position_embeddings = None
         if self.rotary_tables is not None:
-            position_embeddings = tuple(table[position_ids] for table in self.rotary_tables)
+            position_embeddings = tree_map(lambda table: table[position_ids], self.rotary_tables)
         outputs = None if self.layer_outputs is None else []
         hidden_states = self.model.model.run_layers(
             hidden_states,
@@ -370,6 +374,7 @@ class SelfSpeculativeDecoder:
             self.cache,
             layer_outputs=outputs,
             position_embeddings=position_embeddings,
+            key_positions=self.slot_positions[:, :end],  # sliding windows count positions, not slots (holes)
         )
         if outputs is not None:
             for layer, output in enumerate(outputs, first_layer):

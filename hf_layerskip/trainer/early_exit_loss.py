@@ -61,7 +61,7 @@ def early_exit_loss_sums(
 
     Args:
         exit_logits: maps hidden states `(rows, hidden_size)` to logits `(rows, vocab_size)`: the model's final
-            norm and LM head (`LayerSkipLlamaForCausalLM.exit_logits`).
+            norm and LM head (`LayerSkipForCausalLMMixin.exit_logits`).
         layer_hidden_states: K tensors `(batch_size, seq_len, hidden_size)`, one per exit, before the final norm.
         labels: `(batch_size, seq_len)`, unshifted; -100 marks positions without a target.
         attention_mask: `(batch_size, seq_len)`, optional; padded positions are never targets.

@@ -21,7 +21,7 @@ class ExitReport:
 
 @torch.no_grad()
 def exit_report(model, input_ids: torch.LongTensor, batch_size: int = 8) -> ExitReport:
-    """`ExitReport` of `model` (a `LayerSkipLlamaForCausalLM`, in eval mode) on `input_ids` `(num_seqs, seq_len)`."""
+    """`ExitReport` of `model` (a LayerSkip causal LM, in eval mode) on `input_ids` `(num_seqs, seq_len)`."""
     num_layers = model.config.num_hidden_layers
     loss_sums, agree_counts, correct_counts = torch.zeros(num_layers), torch.zeros(num_layers), torch.zeros(num_layers)
     num_positions = 0

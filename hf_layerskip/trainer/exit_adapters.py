@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..generation.layer_quality import DEFAULT_THRESHOLDS, ExitAgreement
 from ..modeling.draft_head import DraftExit, ExitAdapter
+from ..modeling.modeling_layerskip import softcap
 
 EXIT_ADAPTER_LOSSES = ("cross_entropy", "kl", "cross_entropy+kl")
 
@@ -155,7 +156,7 @@ def train_exit_adapter(
         targets = index_in_vocab[states.targets]
     else:
         targets = states.targets
-    norm = model.model.norm
+    norm, cap = model.model.norm, model.final_logit_softcap  # the exit as the model's, soft-capping included
     hidden, final = states.exit_hidden[exit_layer], states.final_hidden
     steps_per_epoch = max(len(states) // args.batch_size, 1)
     optimizer = torch.optim.AdamW(adapter.parameters(), lr=args.learning_rate, weight_decay=0.0)
@@ -167,9 +168,9 @@ def train_exit_adapter(
         order = torch.randperm(len(states), generator=generator)
         for step in range(steps_per_epoch):
             rows = order[step * args.batch_size : (step + 1) * args.batch_size]
-            draft_logits = F.linear(norm(adapter(hidden[rows])), weight)
+            draft_logits = softcap(F.linear(norm(adapter(hidden[rows])), weight), cap)
             with torch.no_grad():
-                teacher_logits = F.linear(final[rows], weight) if "kl" in args.loss else None
+                teacher_logits = softcap(F.linear(final[rows], weight), cap) if "kl" in args.loss else None
             loss = exit_adapter_loss(draft_logits, teacher_logits, targets[rows], args.loss)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -193,7 +194,7 @@ def exit_agreement(
 ) -> ExitAgreement:
     """How the draft exit at `exit_layer`, through `adapter` and over `vocab_ids`, agrees with the full model on
     `states`, and its calibration at `thresholds`."""
-    draft = DraftExit(model.model.norm, model.lm_head.weight, adapter, vocab_ids)
+    draft = DraftExit(model.model.norm, model.lm_head.weight, adapter, vocab_ids, model.final_logit_softcap)
     counts = ExitAgreement(tuple(thresholds))
     hidden = states.exit_hidden[exit_layer]
     for start in range(0, len(states), batch_size):

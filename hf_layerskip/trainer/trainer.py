@@ -17,11 +17,11 @@ from .training_args import LayerSkipTrainingArguments, resolve_layerskip_recipe
 
 
 def layerskip_base_model(model):
-    """The `LayerSkipLlamaForCausalLM` inside `model` (itself, or the model a `PeftModel` wraps)."""
+    """The LayerSkip causal LM inside `model` (itself, or the model a `PeftModel` wraps)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if not hasattr(base, "exit_logits"):
         raise TypeError(
-            f"LayerSkipTrainer needs a model with `exit_logits` (LayerSkipLlamaForCausalLM), got {type(base).__name__}."
+            f"LayerSkipTrainer needs a model with `exit_logits` (a LayerSkip causal LM), got {type(base).__name__}."
         )
     return base
 
@@ -36,7 +36,7 @@ class LayerSkipTrainer(Trainer):
 
     def __init__(self, model=None, args: LayerSkipTrainingArguments | None = None, *positional, **kwargs):
         if model is None:
-            raise ValueError("LayerSkipTrainer needs `model` (a LayerSkipLlamaForCausalLM, or a PeftModel of one).")
+            raise ValueError("LayerSkipTrainer needs `model` (a LayerSkip causal LM, or a PeftModel of one).")
         args = args if args is not None else LayerSkipTrainingArguments(output_dir="trainer_output")
         self.layerskip_recipe = resolve_layerskip_recipe(args, layerskip_base_model(model).config)
         if self.layerskip_recipe.distillation_weight > 0 and not hasattr(model, "disable_adapter"):

@@ -6,8 +6,8 @@ import re
 
 import pytest
 import torch
-from test_conversion import save_tiny_llama
-from transformers import AutoTokenizer
+from test_conversion import save_tiny_llama, save_tiny_stock
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hf_layerskip import LayerSkipLlamaForCausalLM
 from hf_layerskip.cli import build_parser, main
@@ -35,7 +35,7 @@ def checkpoint(tmp_path_factory):
 def reference_completion(checkpoint, use_chat_template=True, **generate_kwargs) -> tuple[str, int, object]:
     """`(text, new_tokens, model)` of in-process greedy decoding, for comparison with the CLI's output."""
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = LayerSkipLlamaForCausalLM.from_pretrained(checkpoint).eval()
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
     if use_chat_template:
         inputs = tokenizer.apply_chat_template(
             [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_dict=True, return_tensors="pt"
@@ -200,6 +200,18 @@ def test_generate_self_speculative_prints_draft_statistics(checkpoint, capsys):
     stats = model.speculation_stats
     assert (int(drafted), int(accepted), int(rounds)) == (stats.drafted_tokens, stats.accepted_tokens, stats.rounds)
     assert float(rate) == pytest.approx(stats.acceptance_rate, abs=0.005)
+    assert "draft with layers 1-2 of 6, 3 per round" in captured.err
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3_text"])
+def test_convert_and_self_speculative_generate_on_another_family(tmp_path, capsys, family):
+    save_tiny_stock(tmp_path / family, family, num_layers=6)
+    checkpoint = tmp_path / "layerskip"
+    assert main(["convert", str(tmp_path / family), str(checkpoint), "--exit-layer", "2"]) == 0
+    capsys.readouterr()
+    full_text, _, _ = reference_completion(checkpoint)
+    captured = run_generate(capsys, checkpoint, "--assistant-early-exit", "2", "--num-speculations", "3")
+    assert captured.out == full_text + "\n"
     assert "draft with layers 1-2 of 6, 3 per round" in captured.err
 
 

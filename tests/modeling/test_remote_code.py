@@ -6,8 +6,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
-from conftest import tiny_model
+from conftest import ALL_FAMILIES, scale_residual_branches, tiny_model
+
+from hf_layerskip import FAMILIES
 
 EXIT_LAYER = 3
 NUM_SPECULATIONS = 3
@@ -48,25 +51,23 @@ REMOTE_SCRIPT = textwrap.dedent(
 )
 
 
-def model_with_quiet_late_layers():
+def model_with_quiet_late_layers(family: str):
     """A tiny model whose layers after the exit barely change the residual stream.
 
     Early-exit drafts then mostly, but not always, agree with the full model, so that verification both accepts
     and rejects.
     """
-    model = tiny_model(seed=3)
-    with torch.no_grad():
-        for layer in model.model.layers[EXIT_LAYER:]:
-            layer.self_attn.o_proj.weight.mul_(0.2)
-            layer.mlp.down_proj.weight.mul_(0.2)
+    model = tiny_model(seed=3, family=family)
+    scale_residual_branches(model.model.layers[EXIT_LAYER:], 0.4)
     return model
 
 
-def test_checkpoint_runs_as_remote_code_without_hf_layerskip(tmp_path):
-    model = model_with_quiet_late_layers()
+@pytest.mark.parametrize("family", ALL_FAMILIES)
+def test_checkpoint_runs_as_remote_code_without_hf_layerskip(tmp_path, family):
+    model = model_with_quiet_late_layers(family)
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
-    prompt = [[5, 17, 99, 3, 42, 8]]
+    prompt = [[5, 17, 99, 3, 42, 8, 61, 30]]  # longer than the sliding windows (4)
     arguments = [str(checkpoint), json.dumps(prompt), str(EXIT_LAYER), str(NUM_SPECULATIONS), str(MAX_NEW_TOKENS)]
     environment = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
     completed = subprocess.run(
@@ -80,7 +81,8 @@ def test_checkpoint_runs_as_remote_code_without_hf_layerskip(tmp_path):
     assert completed.returncode == 0, completed.stderr
     remote = json.loads(completed.stdout.strip().splitlines()[-1])
 
-    assert remote["class_name"] == "LayerSkipLlamaForCausalLM"
+    _, base_class, causal_lm_class = FAMILIES[family]
+    assert remote["class_name"] == causal_lm_class.__name__
     assert remote["module"].startswith("transformers_modules.")
 
     input_ids = torch.tensor(prompt)
@@ -94,6 +96,6 @@ def test_checkpoint_runs_as_remote_code_without_hf_layerskip(tmp_path):
     assert remote["early_exit"] != expected, "early exit should be lossy on this model"
     torch.testing.assert_close(torch.tensor(remote["early_exit_logits"]), model(input_ids, exit_layer=EXIT_LAYER).logits)
     # The causal LM's checkpoint also loads as the base model.
-    assert remote["base_class_name"] == "LayerSkipLlamaModel"
+    assert remote["base_class_name"] == base_class.__name__
     assert remote["base_module"].startswith("transformers_modules.")
     torch.testing.assert_close(torch.tensor(remote["base_hidden"]), model.model(input_ids).last_hidden_state)

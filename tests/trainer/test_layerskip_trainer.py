@@ -69,9 +69,10 @@ def test_bad_arguments_fail_before_training(tmp_path, override, message):
         LayerSkipTrainer(tiny_model(), training_args(tmp_path, **override))
 
 
-def test_training_loss_equals_reference_with_the_steps_dropout_masks(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3_text"])
+def test_training_loss_equals_reference_with_the_steps_dropout_masks(tmp_path, family):
     args = training_args(tmp_path, layer_dropout_max=0.6, layer_dropout_scale="uniform", early_exit_curriculum_period=2)
-    model = tiny_model()
+    model = tiny_model(family=family)
     trainer = LayerSkipTrainer(model, args)
     trainer.state.global_step, trainer.state.max_steps = 3, 10
     batch = {key: torch.stack([sample[key] for sample in token_dataset(4)]) for key in ("input_ids", "labels")}
