@@ -28,7 +28,14 @@ RECIPES_DIR = Path(__file__).parent / "recipes"
 SETTINGS_FILE_NAME = "layerskip_settings.json"
 # What a draft head's settings file may hold: its own shape, and the decoding settings chosen for it.
 DRAFT_HEAD_SETTINGS = ("exit_adapter_layers", "exit_adapter_rank", "draft_vocab_size")
-DECODING_SETTINGS = ("exit_layer", "num_speculations", "assistant_confidence_threshold")
+DECODING_SETTINGS = (
+    "exit_layer",
+    "num_speculations",
+    "assistant_confidence_threshold",
+    "num_lookup_speculations",
+    "lookup_ngram_size",
+    "dynamic_exit",
+)
 
 
 def cache_dir() -> Path:
@@ -87,7 +94,7 @@ def files_version(directory: Path) -> str:
 
 def export_draft_head(model, directory: str | Path, decoding: dict | None = None) -> Path:
     """Writes `model`'s draft head (`draft_head.safetensors`) and its settings file: the head's shape and the
-    `decoding` settings (`exit_layer`, `num_speculations`, `assistant_confidence_threshold`) to apply with it."""
+    `decoding` settings (`DECODING_SETTINGS`) to apply with it."""
     from safetensors.torch import save_file
 
     decoding = decoding or {}
@@ -128,7 +135,7 @@ def load_draft_head(model, directory: str | Path) -> dict:
 
 
 def apply_decoding_settings(model, decoding: dict) -> None:
-    """Makes `decoding`'s `exit_layer` and `num_speculations` the config's defaults and its
+    """Makes `decoding`'s config settings (exit layer, draft length, lookup, dynamic exit) the config's defaults and its
     `assistant_confidence_threshold` the generation config's; what `decoding` leaves out stays as it is."""
     from .conversion import speculation_defaults
 

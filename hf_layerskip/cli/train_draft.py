@@ -74,6 +74,15 @@ class TrainDraftArguments:
         default=None,
         metadata={"help": "Confidence threshold t to record in the generation config (unset: keep the model's)."},
     )
+    num_lookup_speculations: int | None = field(
+        default=None, metadata={"help": "Lookup drafting length to record as the default (unset: keep the model's)."}
+    )
+    lookup_ngram_size: int | None = field(
+        default=None, metadata={"help": "Longest n-gram lookup drafting matches (unset: keep the model's)."}
+    )
+    dynamic_exit: bool | None = field(
+        default=None, metadata={"help": "Record dynamic exit choice as the default (unset: keep the model's)."}
+    )
     device: str = field(default="cpu", metadata={"help": "torch device: cpu, cuda or cuda:N; auto picks cuda."})
 
     def __post_init__(self):
