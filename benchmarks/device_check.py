@@ -225,8 +225,13 @@ class DeviceCheck:
         options = self.options
         config = LayerSkipLlamaConfig(**model_config(shape))
         torch.manual_seed(0)
-        with self.device:
-            model = LayerSkipLlamaForCausalLM(config).to(self.dtype).eval()
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)  # initialised in place, in its dtype: no float32 copy of 8B weights
+        try:
+            with self.device:
+                model = LayerSkipLlamaForCausalLM(config).eval()
+        finally:
+            torch.set_default_dtype(default_dtype)
         exit_layer = max(1, config.num_hidden_layers // 4)
         stock = plain_llama_view(model)  # shares the weights, so the scaling below applies to it too
         stock.generation_config.num_assistant_tokens = options.num_speculations
@@ -271,6 +276,7 @@ class DeviceCheck:
                 row["speedup_over_plain"] = result["tokens_per_s"] / plain["tokens_per_s"]
                 row["same_tokens_as_plain"] = bool(torch.equal(result["sequences"], plain["sequences"]))
             self.rows.append(row)
+        self.write()  # after every cell: a run stopped from outside still leaves what it measured
 
     # Training --------------------------------------------------------------------------------------------------
 
@@ -290,12 +296,17 @@ class DeviceCheck:
             recipe_name = f"accelerate launch, FSDP2 recipe, {torch.cuda.device_count()} GPU"
         else:  # accelerate enables FSDP only on accelerators: one plain process
             launch, recipe_name = [sys.executable], "one CPU process (no FSDP)"
-        result = subprocess.run([*launch, *arguments], capture_output=True, text=True)
+        try:
+            result = subprocess.run([*launch, *arguments], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired as error:
+            self.training.append({"status": "failed", "error": f"no result in {error.timeout} s"})
+            return
         if result.returncode != 0:
             self.training.append({"status": "failed", "error": (result.stdout + result.stderr)[-3000:]})
             return
         for record in json.loads(output.read_text()):
             self.training.append({"status": "ok", "recipe": recipe_name, **record})
+        self.write()
 
     # Report ----------------------------------------------------------------------------------------------------
 
@@ -395,7 +406,10 @@ def parse_options(argv=None):
     parser.add_argument("--train-steps", type=int, default=6)
     parser.add_argument("--train-batch-size", type=int, default=4)
     parser.add_argument("--train-seq-len", type=int, default=1024)
-    parser.add_argument("--budget-s", type=float, default=420.0, help="stop starting cells after this many seconds")
+    parser.add_argument(
+        "--budget-s", type=float, default=360.0,
+        help="start no cell after this many seconds (a compiling cell started just before can take a minute more)",
+    )  # fmt: skip
     options = parser.parse_args(argv)
     if options.tiny:
         options.models = options.models or ["tiny-1b-like", "tiny-8b-like"]
