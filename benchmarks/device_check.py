@@ -190,7 +190,7 @@ class DeviceCheck:
 
     # Decoding --------------------------------------------------------------------------------------------------
 
-    def run_cell(self, strategy: str, model, inputs: dict, mode: str, **kwargs) -> dict:
+    def run_cell(self, model, inputs: dict, mode: str, **kwargs) -> dict:
         """One untimed run (compiles when compiled), then the timed repeats; the outputs of the last."""
         if not self.budget_left():
             return {"status": SKIPPED}
@@ -258,7 +258,7 @@ class DeviceCheck:
                         if factor is None:
                             results[strategy] = {"status": SKIPPED}
                         else:
-                            results[strategy] = self.run_cell(strategy, runner, inputs, mode, **kwargs)
+                            results[strategy] = self.run_cell(runner, inputs, mode, **kwargs)
                     self.record(shape, exit_layer, target, factor, batch_size, mode, results)
         del model, stock, scaler
         if self.device.type == "cuda":
@@ -289,13 +289,13 @@ class DeviceCheck:
         output = options.output_dir / "training.json"
         arguments = [str(script), str(output), "--shape", options.train_shape, "--steps", str(options.train_steps),
                      "--batch-size", str(options.train_batch_size), "--seq-len", str(options.train_seq_len)]  # fmt: skip
-        if self.device.type == "cuda":  # the FSDP2 recipe, one process per GPU of this machine
-            recipe = Path(__file__).resolve().parents[1] / "hf_layerskip" / "recipes" / "accelerate_fsdp2.yaml"
-            launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(recipe),
-                      "--num_processes", str(torch.cuda.device_count())]  # fmt: skip
-            recipe_name = f"accelerate launch, FSDP2 recipe, {torch.cuda.device_count()} GPU"
-        else:  # accelerate enables FSDP only on accelerators: one plain process
-            launch, recipe_name = [sys.executable], "one CPU process (no FSDP)"
+        # The FSDP2 recipe, one process per GPU (on the CPU, one process: accelerate enables FSDP only on
+        # accelerators, and falls back to DDP; the sharding each run got is recorded).
+        processes = torch.cuda.device_count() if self.device.type == "cuda" else 1
+        recipe = Path(__file__).resolve().parents[1] / "hf_layerskip" / "recipes" / "accelerate_fsdp2.yaml"
+        launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(recipe),
+                  "--num_processes", str(processes)]  # fmt: skip
+        recipe_name = f"accelerate launch, FSDP2 recipe, {processes} process{'es' if processes > 1 else ''}"
         try:
             result = subprocess.run([*launch, *arguments], capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired as error:
@@ -365,7 +365,7 @@ def markdown(report: dict) -> str:
         scale = f"{row['target_acceptance']} ({number(row['scale_factor'], '.3g')})"
         lines.append(
             f"| {row['model']} (E={row['exit_layer']}, d={row['num_speculations']}) | {scale} | {row['batch_size']} "
-            f"| {row['mode']} | {row['strategy']} | {number(row.get('tokens_per_s'), '.1f')} tok/s "
+            f"| {row['mode']} | {row['strategy']} | {number(row.get('tokens_per_s'), '.1f')}{' tok/s' if ok else ''} "
             f"| {number(row.get('speedup_over_plain'), '.2f')} | {number(row.get('acceptance'), '.3f')} "
             f"| {({True: 'yes', False: 'no'}).get(row.get('same_tokens_as_plain'), '–')} "
             f"| {'' if ok else row['status']} |"
@@ -377,7 +377,7 @@ def markdown(report: dict) -> str:
             continue
         ratio = plain_step / record["median_step_s"] if plain_step else None
         memory = record["peak_memory_gib"]
-        note = f"{record['recipe']}; mean dropout rate {record['mean_dropout_rate']:.3f}"
+        note = f"{record['recipe']}: {record['sharding']}; mean dropout rate {record['mean_dropout_rate']:.3f}"
         note += f"; peak {memory:.1f} GiB" if memory is not None else ""
         lines.append(
             f"| {report['settings']['train_shape']} | – | {report['settings']['train_batch_size']}×"
@@ -390,7 +390,7 @@ def markdown(report: dict) -> str:
 def parse_options(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", type=Path, help="folder for device_check.md and device_check.json")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and short runs (the CPU form CI runs)")
     parser.add_argument("--models", nargs="+", help="shapes to decode with (default: the two Llama shapes)")
     parser.add_argument("--acceptance", type=float, nargs="+", default=[0.5, 0.8], help="target acceptance rates")

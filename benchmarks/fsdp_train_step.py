@@ -6,7 +6,8 @@ On GPUs under the FSDP2 recipe (the Trainer shards through accelerate):
     accelerate launch --config_file hf_layerskip/recipes/accelerate_fsdp2.yaml --num_processes 1 \\
         benchmarks/fsdp_train_step.py OUT.json --shape llama-3.2-1b
 
-and as one plain process on the CPU (`--shape tiny`; accelerate enables FSDP only on accelerators). Each setting
+and with the same command on the CPU (`--shape tiny-1b-like`), where accelerate, which enables FSDP only on
+accelerators, runs DDP instead (each record names the sharding it got). Each setting
 builds the model afresh (same seed), runs `--steps` optimizer steps on random tokens and times the steps after the
 first two (synchronised with the device), with the peak memory the device allocated. Writes one JSON list.
 """

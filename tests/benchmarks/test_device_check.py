@@ -65,6 +65,7 @@ def test_training_steps_are_timed_for_every_setting(check):
     assert [record["setting"] for record in report["training"]] == list(TRAINING)
     for record in report["training"]:
         assert record["status"] == "ok" and record["median_step_s"] > 0
+        assert record["recipe"].startswith("accelerate launch, FSDP2 recipe")  # the launch line the GPU runs
     rates = [record["mean_dropout_rate"] for record in report["training"]]
     assert rates[0] == rates[1] == 0 < rates[2]
 
