@@ -20,16 +20,19 @@ def shard_layerskip_model(model: nn.Module, **fully_shard_kwargs) -> nn.Module:
     """`fully_shard` on each decoder layer, then on the whole model (the root holds the embeddings, the final norm,
     the LM head and the draft head, which every exit shares). In place; returns `model`.
 
-    The same wrapping as accelerate's FSDP2 plugin with `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP`, for
-    training without `accelerate launch` (`torchrun` and a process group already initialised).
-    `fully_shard_kwargs` (`mesh`, `mp_policy`, `reshard_after_forward`, ...) go to every call.
+    For training without `accelerate launch` (`torchrun`, a process group already initialised). Accelerate's FSDP2
+    plugin with `fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP` shards the layers alike (recent releases also give
+    the embeddings, and the final norm with the LM head, units of their own); the tests train both layouts.
+    `fully_shard_kwargs` (`mesh`, `mp_policy`, `reshard_after_forward`, ...) go to every call, except
+    `reshard_after_forward` to the root, which keeps torch's default for a root (stay gathered from forward to
+    backward, as accelerate does too): the early-exit loss uses the final norm and the LM head after the forward.
     """
     from torch.distributed.fsdp import fully_shard
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     for layer in base.model.layers:
         fully_shard(layer, **fully_shard_kwargs)
-    fully_shard(model, **fully_shard_kwargs)
+    fully_shard(model, **{k: v for k, v in fully_shard_kwargs.items() if k != "reshard_after_forward"})
     return model
 
 
