@@ -307,8 +307,10 @@ class DeviceCheck:
         options = self.options
         script = Path(__file__).resolve().with_name("fsdp_train_step.py")
         output = options.output_dir / "training.json"
-        arguments = [str(script), str(output), "--shape", options.train_shape, "--steps", str(options.train_steps),
-                     "--batch-size", str(options.train_batch_size), "--seq-len", str(options.train_seq_len)]  # fmt: skip
+        arguments = [
+            str(script), str(output), "--shape", options.train_shape, "--steps", str(options.train_steps),
+            "--batch-size", str(options.train_batch_size), "--seq-len", str(options.train_seq_len),
+        ]  # fmt: skip
         # The FSDP2 recipe, one process per GPU (on the CPU, one process: accelerate enables FSDP only on
         # accelerators, and falls back to DDP; the sharding each run got is recorded).
         processes = torch.cuda.device_count() if self.device.type == "cuda" else 1
@@ -381,8 +383,8 @@ def markdown(report: dict) -> str:
         f"accelerate {environment['accelerate']}; {environment['dtype']}; compile backend "
         f"{environment['compile_backend']}; {report['seconds']:.0f} s in all.",
         "",
-        "| model | target acceptance (scale) | B | mode | strategy | speed | × plain | acceptance | same tokens as plain "
-        "| note |",
+        "| model | target acceptance (scale) | B | mode | strategy | speed | × plain | acceptance "
+        "| same tokens as plain | note |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
 

@@ -31,7 +31,10 @@ def strategies(batch_size):
 
 def test_every_cell_is_measured_or_refused_by_its_own_check(check):
     report, _ = check
-    cells = {(r["model"], r["target_acceptance"], r["mode"], r["batch_size"], r["strategy"]): r for r in report["decoding"]}
+    cells = {
+        (row["model"], row["target_acceptance"], row["mode"], row["batch_size"], row["strategy"]): row
+        for row in report["decoding"]
+    }
     expected = {
         (model, target, mode, batch_size, strategy)
         for model in MODELS for target in TARGETS for mode in MODES for batch_size in BATCH_SIZES

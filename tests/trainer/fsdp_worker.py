@@ -6,9 +6,10 @@ draw (what every rank draws), so its gradient is the one the sharded run average
 
 `torchrun --nproc_per_node 2 fsdp_worker.py OUT_DIR sharded`: `shard_layerskip_model` (`fully_shard` on every
 decoder layer, then on the root); `... OUT_DIR accelerate`: sharded as `accelerate launch` shards with the FSDP2
-recipe (`hf_layerskip/recipes/accelerate_fsdp2.yaml`, read by accelerate's launcher). Then the same steps through `LayerSkipTrainer.compute_loss` and the trainer's own optimizer. Halfway it saves a
-sharded checkpoint of the model and the optimizer with `torch.distributed.checkpoint`, runs to the end, then
-builds a fresh model and optimizer, loads the checkpoint and runs the second half again.
+recipe (`hf_layerskip/recipes/accelerate_fsdp2.yaml`, read by accelerate's launcher). Then the same steps through
+`LayerSkipTrainer.compute_loss` and the trainer's own optimizer. Halfway it saves a sharded checkpoint of the model
+and the optimizer with `torch.distributed.checkpoint`, runs to the end, then builds a fresh model and optimizer,
+loads the checkpoint and runs the second half again.
 
 Each writes `<mode>_rank<N>.json`: per-step losses, the layer-dropout masks drawn, and the full parameters (a list
 of floats per name) at the end of the run and of the resumed run (and, for the reference, at the start).
@@ -96,7 +97,11 @@ def shard_as_accelerate_launch(model):
     return fsdp2_prepare_model(accelerator, model)
 
 
-SHARDINGS = {"reference": lambda model: model, "sharded": shard_layerskip_model, "accelerate": shard_as_accelerate_launch}
+SHARDINGS = {
+    "reference": lambda model: model,
+    "sharded": shard_layerskip_model,
+    "accelerate": shard_as_accelerate_launch,
+}
 
 
 def build(out_dir: Path, mode: str, init_seed: int = 0):
