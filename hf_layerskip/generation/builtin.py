@@ -2,6 +2,8 @@
 
 import copy
 
+import torch
+
 from ..modeling import LayerSkipConfigMixin, LayerSkipForCausalLMMixin
 
 
@@ -23,10 +25,14 @@ def plain_llama_view(model):
     """
     settings = {k: v for k, v in model.config.to_dict().items() if k not in ("model_type", "architectures", "auto_map")}
     config = _stock_class(type(model.config), LayerSkipConfigMixin)(**settings)
-    llama = _stock_class(type(model), LayerSkipForCausalLMMixin)(config).to(device=model.device, dtype=model.dtype)
+    with torch.device("meta"):  # no memory and no initialisation: every tensor comes from `model`
+        llama = _stock_class(type(model), LayerSkipForCausalLMMixin)(config)
     # The draft head (exit adapters, draft vocabulary) is ours alone: the built-in path drafts through the plain exit.
     weights = {name: tensor for name, tensor in model.state_dict().items() if not name.startswith("draft_head.")}
     llama.load_state_dict(weights, assign=True)
+    for name, _ in llama.named_buffers():  # the rotary tables are not in the state dict
+        module_name, _, buffer_name = name.rpartition(".")
+        setattr(llama.get_submodule(module_name), buffer_name, model.get_buffer(name))
     llama.tie_weights()
     llama.generation_config = copy.deepcopy(model.generation_config)
     llama.generation_config.update(num_assistant_tokens_schedule="constant", assistant_confidence_threshold=0.0)

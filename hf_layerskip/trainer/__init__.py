@@ -3,6 +3,7 @@
 
 from .curriculum import FixedCurriculum, GradualCurriculum, NoCurriculum, RotationalCurriculum, build_curriculum
 from .early_exit_loss import early_exit_loss, early_exit_loss_sums, next_token_targets
+from .fsdp import load_sharded_checkpoint, save_sharded_checkpoint, shard_layerskip_model
 from .layer_dropout_schedule import LayerDropoutSchedule, layer_dropout_generator
 from .layer_weights import LAYER_WEIGHT_SHAPES, early_exit_layer_weights
 from .trainer import LayerSkipTrainer, layerskip_base_model
@@ -17,6 +18,9 @@ __all__ = [
     "early_exit_loss",
     "early_exit_loss_sums",
     "next_token_targets",
+    "load_sharded_checkpoint",
+    "save_sharded_checkpoint",
+    "shard_layerskip_model",
     "LayerDropoutSchedule",
     "layer_dropout_generator",
     "LAYER_WEIGHT_SHAPES",

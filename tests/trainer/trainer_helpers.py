@@ -1,4 +1,6 @@
-"""Shared pieces of the trainer tests: reference loss, tiny datasets, arguments, parameter snapshots."""
+"""Shared pieces of the trainer tests: reference loss, tiny datasets, arguments, parameter snapshots, ports."""
+
+import socket
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,12 @@ def per_layer_loop_loss(model, input_ids, labels, attention_mask, layers, weight
         logits = model.exit_logits(outputs.layer_hidden_states[layer])[:, :-1]  # (batch, seq_len - 1, vocab)
         total = total + weight * F.cross_entropy(logits.flatten(0, 1), shifted.flatten(), ignore_index=-100)
     return total
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def token_dataset(num_samples=16, seq_len=16, seed=0, vocab_size=128):
