@@ -88,8 +88,10 @@ class LayerSkipLlamaModel(LlamaModel):
         Returns:
             `(batch_size, query_length, hidden_size)`, the output of layer `end - 1`, before the final norm.
         """
-        causal_mask = None  # one unpadded query attends to all it sees: no mask needed
-        if attention_mask is not None or hidden_states.shape[1] > 1:
+        # One unpadded query attends to all it sees: no mask needed, unless the cache is static (its layers hold
+        # `max_cache_len` slots, the unwritten ones included).
+        causal_mask = None
+        if attention_mask is not None or hidden_states.shape[1] > 1 or getattr(cache, "is_compileable", False):
             causal_mask = create_causal_mask(
                 config=self.config,
                 inputs_embeds=hidden_states,

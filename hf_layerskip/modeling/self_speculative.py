@@ -22,7 +22,7 @@ import copy
 from dataclasses import dataclass
 
 import torch
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import LogitsProcessorList, PrefixConstrainedLogitsProcessor
 from transformers.generation.stopping_criteria import MaxLengthCriteria, MaxTimeCriteria
@@ -131,14 +131,17 @@ def validate_self_speculative_request(model, generation_mode, generation_config,
         # The draft and verification passes call the decoder layers directly, outside transformers' output capture.
         "output_attentions": bool(generation_config.output_attentions),
         "synced_gpus": bool(generation_mode_kwargs.get("synced_gpus")),
-        # Drafts and rejections crop the cache: it must be a `DynamicCache`.
+        # Drafts are written into the one cache.
         "use_cache=False": generation_config.use_cache is False,
-        f"cache_implementation={generation_config.cache_implementation!r}": generation_config.cache_implementation
-        not in (None, "dynamic"),
     }
     for name, is_set in unsupported.items():
         if is_set:
             raise ValueError(f"`{name}` is not supported with self-speculative decoding (`assistant_early_exit`).")
+    if generation_config.cache_implementation not in SUPPORTED_CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"`cache_implementation={generation_config.cache_implementation!r}` is not supported with self-speculative "
+            f"decoding (`assistant_early_exit`); use one of {SUPPORTED_CACHE_IMPLEMENTATIONS} (None: a DynamicCache)."
+        )
     schedule = generation_config.num_assistant_tokens_schedule
     if schedule not in (None, "constant"):
         raise ValueError(
@@ -186,12 +189,165 @@ def validate_batch_request(
         )
 
 
+SUPPORTED_CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+
+
 def crop_cache(cache: DynamicCache, length: int) -> None:
     """Crops every cache layer to its first `length` positions (layers may hold different lengths)."""
     for layer in cache.layers:
         excess = layer.get_seq_length() - length
         if excess > 0:
             layer.crop(-excess)
+
+
+class DynamicCacheSlots:
+    """The decoder's slots on a `DynamicCache`: a layer holds exactly the slots written to it; rejected drafts are
+    cropped, and rows and slots are dropped by building narrower tensors."""
+
+    # A dynamic cache grows as it is written: no slot limit.
+    capacity: int | None = None
+
+    def __init__(self, cache: DynamicCache, num_layers: int):
+        self.cache = cache
+
+    def length(self, layer: int) -> int:
+        """Slots held by `layer` (a host int: a dynamic layer's length is its tensor's shape)."""
+        return self.cache.get_seq_length(layer)
+
+    def written(self, first_layer: int, end_layer: int, count: int) -> None:
+        """Layers `first_layer..end_layer-1` have each written `count` more slots (their tensors say so already)."""
+
+    def truncate(self, length: int) -> None:
+        """Every layer holds at most its first `length` slots."""
+        crop_cache(self.cache, length)
+
+    def attention_mask(self, slot_mask: torch.BoolTensor, end: int) -> torch.BoolTensor:
+        """The 2D mask of a step whose queries end at slot `end`: `slot_mask` `(rows, capacity)` cut to the slots the
+        layers hold then."""
+        return slot_mask[:, :end]
+
+    def select_rows(self, keep: torch.LongTensor) -> None:
+        """Keeps the batch rows `keep` `(num_kept,)`."""
+        for layer in self.cache.layers:
+            layer.batch_select_indices(keep)
+
+    def move_slots(self, source: torch.LongTensor) -> None:
+        """Every layer keeps, per row, the slots `source` `(rows, width)` in that order: slot `j` of row `i` becomes
+        what slot `source[i, j]` was; layers hold `width` slots after."""
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                states = getattr(layer, name)  # (rows, num_heads, slots, head_dim)
+                setattr(layer, name, states.gather(2, _slot_index(source, states)))
+
+
+class StaticCacheSlots:
+    """The decoder's slots on a `StaticCache`: every layer holds `max_cache_len` slots at fixed addresses (what compiled
+    steps need) and writes at its own write position (`cumulative_length`, a device tensor). Rejected drafts are not
+    cropped: the write position is rewound, and the next writes overwrite them. Slots beyond a layer's write position
+    hold stale entries, which the causal mask hides (a query sees only slots up to its own) and the full-length slot
+    mask hides from the other rows. The lengths are kept on the host, so that reading them does not synchronise."""
+
+    def __init__(self, cache: StaticCache, num_layers: int):
+        self.cache = cache
+        self.capacity = cache.layers[0].max_cache_len
+        # One synchronisation per call: a returned cache may already hold an earlier turn.
+        self.lengths = [int(cache.get_seq_length(layer)) for layer in range(num_layers)]
+
+    def length(self, layer: int) -> int:
+        return self.lengths[layer]
+
+    def written(self, first_layer: int, end_layer: int, count: int) -> None:
+        for layer in range(first_layer, end_layer):
+            self.lengths[layer] += count
+
+    def truncate(self, length: int) -> None:
+        for layer, held in zip(self.cache.layers, self.lengths):
+            if held > length:
+                layer.cumulative_length.fill_(length)  # in place: the tensor's address is static
+        self.lengths = [min(held, length) for held in self.lengths]
+
+    def attention_mask(self, slot_mask: torch.BoolTensor, end: int) -> torch.BoolTensor:
+        # A static layer's keys span all its slots; so must the mask (one shape for every step).
+        return slot_mask
+
+    def select_rows(self, keep: torch.LongTensor) -> None:
+        for layer in self.cache.layers:
+            if layer.is_initialized:
+                layer.keys, layer.values = layer.keys.index_select(0, keep), layer.values.index_select(0, keep)
+                layer.batch_size = len(keep)
+                torch._dynamo.mark_static_address(layer.keys)
+                torch._dynamo.mark_static_address(layer.values)
+
+    def move_slots(self, source: torch.LongTensor) -> None:
+        width = source.shape[1]
+        for layer in self.cache.layers:
+            for states in (layer.keys, layer.values):  # (rows, num_heads, max_cache_len, head_dim)
+                states[:, :, :width] = states.gather(2, _slot_index(source, states))
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(width)
+        self.lengths = [width] * len(self.lengths)
+
+
+def _slot_index(source: torch.LongTensor, states: torch.Tensor) -> torch.LongTensor:
+    """`source` `(rows, width)` as a gather index over the slots of `states` `(rows, num_heads, slots, head_dim)`."""
+    return source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+
+
+def cache_slots(cache, num_layers: int) -> DynamicCacheSlots | StaticCacheSlots:
+    """The slot bookkeeping for `cache`; raises a `ValueError` for a cache the decoder cannot draft into."""
+    if type(cache) is DynamicCache:
+        return DynamicCacheSlots(cache, num_layers)
+    if type(cache) is StaticCache and all(type(layer) is StaticLayer for layer in cache.layers):
+        return StaticCacheSlots(cache, num_layers)
+    raise ValueError(
+        "Self-speculative decoding needs a `DynamicCache` or a `StaticCache` without sliding-window layers "
+        f"(`cache_implementation` None, 'dynamic' or 'static'), got {type(cache).__name__}."
+    )
+
+
+def run_decoder_layers(
+    model, hidden_states, first_layer, end_layer, position_ids, attention_mask, cache, rotary_tables, layer_outputs=None
+) -> torch.Tensor:
+    """Layers `first_layer..end_layer-1` on `hidden_states` `(rows, query_length, hidden_size)` at `position_ids`
+    `(rows, query_length)`, writing into `cache`: one draft, verification or prefill pass. `rotary_tables` (cos, sin),
+    each `(num_positions, head_dim)`, or `None` to build them from the positions. Returns the last layer's output,
+    same shape; appends each layer's to `layer_outputs` when a list."""
+    position_embeddings = None
+    if rotary_tables is not None:
+        position_embeddings = tuple(table[position_ids] for table in rotary_tables)
+    return model.model.run_layers(
+        hidden_states,
+        first_layer,
+        end_layer,
+        position_ids,
+        attention_mask,
+        cache,
+        layer_outputs=layer_outputs,
+        position_embeddings=position_embeddings,
+    )
+
+
+# `run_decoder_layers` compiled, per compile configuration.
+_compiled_layer_runs: dict = {}
+
+
+def compiled_decoder_layers(compile_config):
+    """[`run_decoder_layers`] under `torch.compile` with `compile_config` (a transformers `CompileConfig`), compiled
+    once per configuration; each layer range and shape is its own graph (a draft step, a padded verification)."""
+    options = compile_config.to_dict()
+    key = repr(sorted(options.items(), key=lambda item: item[0]))
+    if key not in _compiled_layer_runs:
+        _compiled_layer_runs[key] = torch.compile(run_decoder_layers, **options)
+    return _compiled_layer_runs[key]
+
+
+def step_compile_config(model, generation_config, model_kwargs):
+    """The `CompileConfig` to compile the draft and verification steps with, or `None`: compiled exactly where
+    `generate` compiles plain decoding's forward (`_valid_auto_compile_criteria`: a static cache on an accelerator,
+    or anywhere `compile_config` asks for every device)."""
+    if not model._valid_auto_compile_criteria(model_kwargs, generation_config):
+        return None
+    return generation_config.compile_config or model._default_compile_config()
 
 
 def _select(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
@@ -260,7 +416,9 @@ class SelfSpeculativeDecoder:
     positions from `recorded_from` on; `take_hidden_states` turns the accepted ones into what plain decoding returns.
     """
 
-    def __init__(self, model, generation_config, logits_processor, input_ids, cache: DynamicCache, attention_mask):
+    def __init__(
+        self, model, generation_config, logits_processor, input_ids, cache: Cache, attention_mask, compile_config=None
+    ):
         self.model = model
         self.exit_layer = generation_config.assistant_early_exit
         self.draft_exit = model.draft_exit(self.exit_layer)
@@ -272,6 +430,7 @@ class SelfSpeculativeDecoder:
         self.logits_processor = logits_processor
         self.row_processors = per_row_processors(logits_processor, input_ids.shape[0])  # indexed by batch row
         self.cache = cache
+        self.slots = cache_slots(cache, len(model.model.layers))
         self.exit_query_cache: torch.Tensor | None = None
         record = generation_config.return_dict_in_generate and generation_config.output_hidden_states
         self.layer_outputs = [[] for _ in model.model.layers] if record else None
@@ -290,7 +449,19 @@ class SelfSpeculativeDecoder:
         self.sequence_lengths = self.lengths.clone()  # (batch_size,): final once a row has left
         if attention_mask is None and batch_size > 1:
             attention_mask = torch.ones_like(input_ids)
-        capacity = self.max_length
+        # Compiled steps run on fixed shapes: one query token per draft step, `d + 1` per verification (padded).
+        self.layer_steps = run_decoder_layers
+        self.verify_width = None
+        if compile_config is not None and self.layer_outputs is None:
+            self.layer_steps = compiled_decoder_layers(compile_config)
+            self.verify_width = self.num_speculations + 1
+        self.round_width = 0  # slots opened this round
+        capacity = self.slots.capacity or self.max_length
+        if capacity < self.max_length - 1:
+            raise ValueError(
+                f"The static cache holds {capacity} positions; decoding to max_length={self.max_length} needs at "
+                f"least {self.max_length - 1}."
+            )
         self.slot_positions = torch.arange(capacity, device=device).repeat(batch_size, 1)
         self.slot_mask = None  # nothing is padded: causal masking alone
         if attention_mask is not None:
@@ -304,36 +475,40 @@ class SelfSpeculativeDecoder:
         rotary = model.model.rotary_emb
         self.rotary_tables = None  # cos and sin, each (max_length, head_dim), indexed by position
         if not any(kind in str(rotary.rope_type) for kind in _LENGTH_DEPENDENT_ROPE):
-            all_positions = torch.arange(self.max_length, device=device)[None]
+            # Padded verification positions run up to `d` past the last token.
+            all_positions = torch.arange(self.max_length + self.num_speculations, device=device)[None]
             self.rotary_tables = tuple(table[0] for table in rotary(model.model.embed_tokens.weight, all_positions))
 
     @property
     def num_active(self) -> int:
         return len(self.rows)
 
-    def run_layers(self, hidden_states: torch.Tensor, first_layer: int, end_layer: int) -> torch.Tensor:
-        """[`LayerSkipLlamaModel.run_layers`] on the slots right after those the cache of `first_layer` holds.
+    def run_layers(
+        self, hidden_states: torch.Tensor, first_layer: int, end_layer: int, fixed_shape: bool = True
+    ) -> torch.Tensor:
+        """[`run_decoder_layers`] on the slots right after those the cache of `first_layer` holds; compiled when
+        `fixed_shape` and the call compiles its steps.
 
         `hidden_states` `(num_active, query_length, hidden_size)` is the input of `first_layer`; returns the output of
         `end_layer - 1`, same shape. Records each layer's output with `output_hidden_states`.
         """
-        start = self.cache.get_seq_length(first_layer)
+        start = self.slots.length(first_layer)
         end = start + hidden_states.shape[1]
-        position_ids = self.slot_positions[:, start:end]
-        position_embeddings = None
-        if self.rotary_tables is not None:
-            position_embeddings = tuple(table[position_ids] for table in self.rotary_tables)
+        mask = None if self.slot_mask is None else self.slots.attention_mask(self.slot_mask, end)
         outputs = None if self.layer_outputs is None else []
-        hidden_states = self.model.model.run_layers(
+        run = self.layer_steps if fixed_shape else run_decoder_layers
+        hidden_states = run(
+            self.model,
             hidden_states,
             first_layer,
             end_layer,
-            position_ids,
-            None if self.slot_mask is None else self.slot_mask[:, :end],
+            self.slot_positions[:, start:end],
+            mask,
             self.cache,
-            layer_outputs=outputs,
-            position_embeddings=position_embeddings,
+            self.rotary_tables,
+            outputs,
         )
+        self.slots.written(first_layer, end_layer, hidden_states.shape[1])
         if outputs is not None:
             for layer, output in enumerate(outputs, first_layer):
                 self.layer_outputs[layer].append(output)
@@ -345,20 +520,29 @@ class SelfSpeculativeDecoder:
         The cache may already hold a prefix of the prompt (an earlier turn's returned cache): only the rest is run.
         """
         num_layers = len(self.model.model.layers)
-        cached = {self.cache.get_seq_length(layer) for layer in range(num_layers)}
+        cached = {self.slots.length(layer) for layer in range(num_layers)}
         if len(cached) > 1:
             raise ValueError(f"Every cache layer must hold the same number of tokens, got {sorted(cached)}.")
         prompt_length = int(self.lengths[0])
         # A cache holding the whole prompt gives back its last token, which the first draft step processes.
-        crop_cache(self.cache, prompt_length - 1)
-        start = self.recorded_from = self.cache.get_seq_length()
+        self.slots.truncate(prompt_length - 1)
+        start = self.recorded_from = self.slots.length(0)
         if start < prompt_length - 1:
-            self.run_layers(self.model.model.embed_tokens(self.tokens[:, start : prompt_length - 1]), 0, num_layers)
+            prompt = self.model.model.embed_tokens(self.tokens[:, start : prompt_length - 1])
+            self.run_layers(prompt, 0, num_layers, fixed_shape=False)
         self.filled = prompt_length - 1
 
     def open_slots(self, count: int) -> None:
-        """Slots `filled..filled+count-1` take each row's pending token and its next `count - 1` draft tokens."""
+        """Slots `filled..filled+count-1` take each row's pending token and its next `count - 1` draft tokens; with
+        compiled steps, verification's padding takes the slots after them, up to `d + 1` in all."""
+        count = max(count, self.verify_width or 0)
+        capacity = self.slots.capacity
+        if capacity is not None and self.filled + count > capacity and self.slot_mask is not None:
+            self._compact()  # a batch's holes have used up a static cache: drop them
+        if capacity is not None:
+            count = min(count, capacity - self.filled)  # a user's static cache may leave no room for padding
         start = self.filled
+        self.round_width = count
         self._reserve(start + count)
         self.slot_positions[:, start : start + count] = self.next_positions[:, None] + torch.arange(
             count, device=self.rows.device
@@ -430,12 +614,18 @@ class SelfSpeculativeDecoder:
         Layers `0..E-1` run only on the last draft token, unless a withheld draft step has already run them; layers
         `E..L-1` run on the exit-query cache plus it.
         """
-        hidden = self.exit_query_cache
-        if self.cache.get_seq_length(0) < self.filled + num_drafted + 1:
+        hidden = self.exit_query_cache  # one exit state per draft step run
+        if hidden.shape[1] < num_drafted + 1:
             last = self.tokens[self.rows, self.lengths - 1 + num_drafted]  # (num_active,)
             hidden = torch.cat([hidden, self.run_layers(self.model.model.embed_tokens(last[:, None]), 0, self.exit_layer)], 1)
         self.exit_query_cache = None
-        return self.run_layers(hidden, self.exit_layer, len(self.model.model.layers))
+        # Compiled: padded to `d + 1` positions, one shape for every round (the padding's outputs are dropped, and its
+        # cache entries lie beyond the slots kept).
+        fixed_shape = self.verify_width is not None and self.round_width == self.verify_width
+        if fixed_shape:
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, self.verify_width - hidden.shape[1]))
+        final = self.run_layers(hidden, self.exit_layer, len(self.model.model.layers), fixed_shape)
+        return final[:, : num_drafted + 1]
 
     def take_hidden_states(self, num_kept: int) -> list[tuple[torch.Tensor, ...]]:
         """Plain decoding's `hidden_states` for the one row's `num_kept` new tokens of this round, and forgets every
@@ -472,14 +662,14 @@ class SelfSpeculativeDecoder:
         self.next_positions = self.next_positions + num_kept
         self.sequence_lengths[self.rows] = self.lengths
         if bool(finished.all()):
-            crop_cache(self.cache, start + int(num_kept.max()))  # one row: its cache holds all its tokens but the last
+            self.slots.truncate(start + int(num_kept.max()))  # one row: its cache holds all its tokens but the last
             self.rows = self.rows[:0]
             return
         if bool(finished.any()):
             self._keep_rows((~finished).nonzero().squeeze(1))
             num_kept = num_kept[~finished]
         width = int(num_kept.max())
-        crop_cache(self.cache, start + width)
+        self.slots.truncate(start + width)
         if self.slot_mask is not None:
             self.slot_mask[:, start : start + width] = torch.arange(width, device=num_kept.device) < num_kept[:, None]
         self.filled = start + width
@@ -488,7 +678,7 @@ class SelfSpeculativeDecoder:
 
     def rewind(self) -> None:
         """Forgets the current round: every cache layer holds the `filled` slots again."""
-        crop_cache(self.cache, self.filled)
+        self.slots.truncate(self.filled)
         self.exit_query_cache = None
 
     def _reserve(self, num_slots: int) -> None:
@@ -503,31 +693,30 @@ class SelfSpeculativeDecoder:
 
     def _keep_rows(self, keep: torch.LongTensor) -> None:
         """Only the active rows `keep` `(num_kept,)` go on: every per-row tensor and the cache are narrowed to them."""
-        for layer in self.cache.layers:
-            layer.batch_select_indices(keep)
+        self.slots.select_rows(keep)
         self.rows, self.lengths, self.next_positions = self.rows[keep], self.lengths[keep], self.next_positions[keep]
         self.slot_positions = self.slot_positions[keep]
         if self.slot_mask is not None:
             self.slot_mask = self.slot_mask[keep]
 
     def _compact_if_sparse(self) -> None:
-        """Drops the slots that are holes (or padding) in every row once they are a large part of the cache: each
-        row's valid slots move, in order, to the right end of a narrower cache (left padding, as a padded prompt has)."""
+        """Compacts once the slots that are holes (or padding) in every row are a large part of the cache."""
+        width = int(self.slot_mask[:, : self.filled].sum(dim=-1).max())
+        if self.filled - width >= max(_MIN_SLOTS_TO_COMPACT, _COMPACT_AT_HOLE_FRACTION * self.filled):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drops the slots that are holes (or padding) in every row: each row's valid slots move, in order, to the
+        right end of a narrower cache (left padding, as a padded prompt has)."""
         valid = self.slot_mask[:, : self.filled]  # (num_active, filled)
         counts = valid.sum(dim=-1)
         width = int(counts.max())
-        if self.filled - width < max(_MIN_SLOTS_TO_COMPACT, _COMPACT_AT_HOLE_FRACTION * self.filled):
-            return
         offsets = width - counts  # (num_active,): padding slots before each row's valid ones
         row_index, slot_index = valid.nonzero(as_tuple=True)
         destination = (valid.long().cumsum(dim=-1) - 1 + offsets[:, None])[row_index, slot_index]
         source = torch.zeros((self.num_active, width), dtype=torch.long, device=valid.device)
         source[row_index, destination] = slot_index
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                states = getattr(layer, name)  # (num_active, num_heads, filled, head_dim)
-                index = source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
-                setattr(layer, name, states.gather(2, index))
+        self.slots.move_slots(source)
         capacity = self.slot_mask.shape[1]
         positions = self.slot_positions.gather(1, source)
         self.slot_positions = torch.cat([positions, positions.new_zeros((self.num_active, capacity - width))], 1)
@@ -620,11 +809,14 @@ def self_speculative_decoding(
     if model_kwargs.get("exit_layer") is not None:
         raise ValueError("Pass either `exit_layer`/`early_exit` (lossy) or `assistant_early_exit` (lossless), not both.")
     cache = model_kwargs.get("cache")
-    if type(cache) is not DynamicCache:
-        raise ValueError(
-            "Self-speculative decoding needs a `DynamicCache` (use_cache=True and the default cache), got "
-            f"{type(cache).__name__}."
-        )
+    cache_slots(cache, model.config.num_hidden_layers)  # raises for a cache it cannot draft into
+    compile_config = step_compile_config(model, generation_config, model_kwargs)
+    padded_length = generation_config.max_length - 1 + generation_config.num_assistant_tokens
+    generates_own_cache = not getattr(cache, "_is_user_defined", False)
+    if compile_config is not None and generates_own_cache and cache.layers[0].max_cache_len < padded_length:
+        # A static cache of `generate`'s own, sized for plain decoding: size it for padded verification too. It is
+        # allocated on its first write, so nothing is wasted.
+        cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=padded_length)
     batch_size, prompt_length = input_ids.shape
     attention_mask = model_kwargs.get("attention_mask")
     validate_batch_request(batch_size, generation_config, logits_processor, stopping_criteria, streamer, attention_mask)
@@ -634,7 +826,9 @@ def self_speculative_decoding(
     scores, raw_logits = ([] if output_scores else None), ([] if output_logits else None)
     counts = RowCounts(batch_size)
 
-    decoder = SelfSpeculativeDecoder(model, generation_config, logits_processor, input_ids, cache, attention_mask)
+    decoder = SelfSpeculativeDecoder(
+        model, generation_config, logits_processor, input_ids, cache, attention_mask, compile_config
+    )
     tokens = decoder.tokens
     hidden_states = [] if decoder.layer_outputs is not None else None
     decoder.prefill()

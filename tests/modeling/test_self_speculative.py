@@ -609,7 +609,7 @@ def test_bad_confidence_threshold(model):
         (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
         (dict(prompt_lookup_num_tokens=3), "prompt_lookup_num_tokens"),
         (dict(num_assistant_tokens_schedule="heuristic"), "num_assistant_tokens_schedule='heuristic'"),
-        (dict(cache_implementation="static"), "cache_implementation='static'"),
+        (dict(cache_implementation="offloaded"), r"cache_implementation='offloaded'.*None, 'dynamic', 'static'"),
         (dict(use_cache=False), "use_cache=False"),
         (dict(num_return_sequences=2, do_sample=True), "num_return_sequences"),
         (dict(exit_layer=3), "exit_layer"),
@@ -623,11 +623,21 @@ def test_unsupported_settings_raise(model, settings, message):
         model.generate(prompt(5), max_new_tokens=3, assistant_early_exit=2, **settings)
 
 
-def test_a_static_cache_object_raises(model):
+def test_another_cache_object_raises(model):
+    from transformers import DynamicCache
+
+    class OtherCache(DynamicCache):
+        pass
+
+    with pytest.raises(ValueError, match="DynamicCache.*StaticCache.*OtherCache"):
+        model.generate(prompt(5), max_new_tokens=3, assistant_early_exit=2, cache=OtherCache(config=model.config))
+
+
+def test_a_static_cache_too_short_raises(model):
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    with pytest.raises(ValueError, match="DynamicCache.*StaticCache"):
+    cache = StaticCache(config=model.config, max_cache_len=6)
+    with pytest.raises(ValueError, match="static cache holds 6 positions.*max_length=8.*7"):
         model.generate(prompt(5), max_new_tokens=3, assistant_early_exit=2, cache=cache)
 
 

@@ -46,13 +46,15 @@ def exact_joint(model, prompt=PROMPT, **settings) -> torch.Tensor:
     return torch.stack(rows)
 
 
-def sample_first_two(model, num_samples: int) -> torch.Tensor:
+def sample_first_two(model, num_samples: int, **settings) -> torch.Tensor:
     """Counts `(vocab_size, vocab_size)` of the first two tokens of `num_samples` self-speculative samples."""
     torch.manual_seed(0)
     counts = torch.zeros(VOCAB_SIZE, VOCAB_SIZE)
     for _ in range(num_samples):
         # Three new tokens, so that the first round drafts two and both go through the acceptance rule.
-        sequence = model.generate(PROMPT, max_new_tokens=3, assistant_early_exit=1, num_assistant_tokens=2, **SAMPLING)
+        sequence = model.generate(
+            PROMPT, max_new_tokens=3, assistant_early_exit=1, num_assistant_tokens=2, **SAMPLING, **settings
+        )
         first, second = sequence[0, PROMPT.shape[1] : PROMPT.shape[1] + 2].tolist()
         counts[first, second] += 1
     return counts
@@ -97,8 +99,10 @@ def test_the_draft_is_far_from_the_full_model(model):
     assert float((draft - target).abs().sum() / 2) > 0.3
 
 
-def test_first_two_tokens_follow_the_full_model(model):
-    p_value = chi_square_p_value(sample_first_two(model, NUM_SAMPLES), exact_joint(model))
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_first_two_tokens_follow_the_full_model(model, cache_implementation):
+    samples = sample_first_two(model, NUM_SAMPLES, cache_implementation=cache_implementation)
+    p_value = chi_square_p_value(samples, exact_joint(model))
     assert p_value > 1e-3, p_value
 
 
@@ -116,7 +120,8 @@ def test_a_draft_over_a_draft_vocabulary_and_an_adapter_keeps_sampling_exact(mod
     assert p_value > 1e-3, p_value
 
 
-def test_each_row_of_a_batch_follows_the_full_model(model):
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_each_row_of_a_batch_follows_the_full_model(model, cache_implementation):
     """Rows of a batch accept different numbers of drafts per round; each row's first two tokens still follow the
     full model's distribution after its own prompt. The second row's shorter prompt is left-padded."""
     short = torch.tensor([[5, 3]])
@@ -132,6 +137,7 @@ def test_each_row_of_a_batch_follows_the_full_model(model):
             assistant_early_exit=1,
             num_assistant_tokens=2,
             pad_token_id=0,
+            cache_implementation=cache_implementation,
             **SAMPLING,
         )
         for row in range(2):
