@@ -207,7 +207,7 @@ class DynamicCacheSlots:
     # A dynamic cache grows as it is written: no slot limit.
     capacity: int | None = None
 
-    def __init__(self, cache: DynamicCache, num_layers: int):
+    def __init__(self, cache: DynamicCache, num_layers: int, batch_size: int):
         self.cache = cache
 
     def length(self, layer: int) -> int:
@@ -227,9 +227,17 @@ class DynamicCacheSlots:
         return slot_mask[:, :end]
 
     def select_rows(self, keep: torch.LongTensor) -> None:
-        """Keeps the batch rows `keep` `(num_kept,)`."""
+        """Keeps the active rows `keep` `(num_kept,)`."""
         for layer in self.cache.layers:
             layer.batch_select_indices(keep)
+
+    def widen(self, hidden_states, position_ids, attention_mask):
+        """A step's inputs, one row per active row, as the cache's rows take them (here: the same)."""
+        return hidden_states, position_ids, attention_mask
+
+    def narrow(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """A step's output `(cache rows, ...)` cut to the active rows (here: the same)."""
+        return hidden_states
 
     def move_slots(self, source: torch.LongTensor) -> None:
         """Every layer keeps, per row, the slots `source` `(rows, width)` in that order: slot `j` of row `i` becomes
@@ -245,10 +253,15 @@ class StaticCacheSlots:
     steps need) and writes at its own write position (`cumulative_length`, a device tensor). Rejected drafts are not
     cropped: the write position is rewound, and the next writes overwrite them. Slots beyond a layer's write position
     hold stale entries, which the causal mask hides (a query sees only slots up to its own) and the full-length slot
-    mask hides from the other rows. The lengths are kept on the host, so that reading them does not synchronise."""
+    mask hides from the other rows. The lengths are kept on the host, so that reading them does not synchronise.
 
-    def __init__(self, cache: StaticCache, num_layers: int):
+    The batch keeps its size too: rows that have left keep their places in the cache and ride along in every step
+    (attending to all their slots, their outputs dropped), so that shapes, and compiled graphs, stay the same."""
+
+    def __init__(self, cache: StaticCache, num_layers: int, batch_size: int):
         self.cache = cache
+        self.batch_size = batch_size
+        self.rows: torch.LongTensor | None = None  # the active rows' places in the cache; `None`: every row, in order
         self.capacity = cache.layers[0].max_cache_len
         # One synchronisation per call: a returned cache may already hold an earlier turn.
         self.lengths = [int(cache.get_seq_length(layer)) for layer in range(num_layers)]
@@ -271,18 +284,32 @@ class StaticCacheSlots:
         return slot_mask
 
     def select_rows(self, keep: torch.LongTensor) -> None:
-        for layer in self.cache.layers:
-            if layer.is_initialized:
-                layer.keys, layer.values = layer.keys.index_select(0, keep), layer.values.index_select(0, keep)
-                layer.batch_size = len(keep)
-                torch._dynamo.mark_static_address(layer.keys)
-                torch._dynamo.mark_static_address(layer.values)
+        self.rows = keep if self.rows is None else self.rows[keep]
+
+    def widen(self, hidden_states, position_ids, attention_mask):
+        if self.rows is None:
+            return hidden_states, position_ids, attention_mask
+
+        def widened(tensor, fill):
+            wide = tensor.new_full((self.batch_size, *tensor.shape[1:]), fill)
+            return wide.index_copy(0, self.rows, tensor)
+
+        mask = None if attention_mask is None else widened(attention_mask, True)
+        return widened(hidden_states, 0), widened(position_ids, 0), mask
+
+    def narrow(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states if self.rows is None else hidden_states.index_select(0, self.rows)
 
     def move_slots(self, source: torch.LongTensor) -> None:
         width = source.shape[1]
         for layer in self.cache.layers:
-            for states in (layer.keys, layer.values):  # (rows, num_heads, max_cache_len, head_dim)
-                states[:, :, :width] = states.gather(2, _slot_index(source, states))
+            for states in (layer.keys, layer.values):  # (batch_size, num_heads, max_cache_len, head_dim)
+                active = states if self.rows is None else states[self.rows]
+                moved = active.gather(2, _slot_index(source, active))
+                if self.rows is None:
+                    states[:, :, :width] = moved
+                else:
+                    states[self.rows, :, :width] = moved
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(width)
         self.lengths = [width] * len(self.lengths)
@@ -293,12 +320,13 @@ def _slot_index(source: torch.LongTensor, states: torch.Tensor) -> torch.LongTen
     return source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
 
 
-def cache_slots(cache, num_layers: int) -> DynamicCacheSlots | StaticCacheSlots:
-    """The slot bookkeeping for `cache`; raises a `ValueError` for a cache the decoder cannot draft into."""
+def cache_slots(cache, num_layers: int, batch_size: int) -> DynamicCacheSlots | StaticCacheSlots:
+    """The slot bookkeeping for `cache` of a batch of `batch_size` rows; raises a `ValueError` for a cache the decoder
+    cannot draft into."""
     if type(cache) is DynamicCache:
-        return DynamicCacheSlots(cache, num_layers)
+        return DynamicCacheSlots(cache, num_layers, batch_size)
     if type(cache) is StaticCache and all(type(layer) is StaticLayer for layer in cache.layers):
-        return StaticCacheSlots(cache, num_layers)
+        return StaticCacheSlots(cache, num_layers, batch_size)
     raise ValueError(
         "Self-speculative decoding needs a `DynamicCache` or a `StaticCache` without sliding-window layers "
         f"(`cache_implementation` None, 'dynamic' or 'static'), got {type(cache).__name__}."
@@ -430,7 +458,7 @@ class SelfSpeculativeDecoder:
         self.logits_processor = logits_processor
         self.row_processors = per_row_processors(logits_processor, input_ids.shape[0])  # indexed by batch row
         self.cache = cache
-        self.slots = cache_slots(cache, len(model.model.layers))
+        self.slots = cache_slots(cache, len(model.model.layers), input_ids.shape[0])
         self.exit_query_cache: torch.Tensor | None = None
         record = generation_config.return_dict_in_generate and generation_config.output_hidden_states
         self.layer_outputs = [[] for _ in model.model.layers] if record else None
@@ -475,8 +503,10 @@ class SelfSpeculativeDecoder:
         rotary = model.model.rotary_emb
         self.rotary_tables = None  # cos and sin, each (max_length, head_dim), indexed by position
         if not any(kind in str(rotary.rope_type) for kind in _LENGTH_DEPENDENT_ROPE):
-            # Padded verification positions run up to `d` past the last token.
-            all_positions = torch.arange(self.max_length + self.num_speculations, device=device)[None]
+            # Padded verification positions run up to `d` past the last token; a static cache's length bounds them
+            # (and keeps the tables one shape across calls).
+            num_positions = self.slots.capacity or self.max_length + self.num_speculations
+            all_positions = torch.arange(num_positions, device=device)[None]
             self.rotary_tables = tuple(table[0] for table in rotary(model.model.embed_tokens.weight, all_positions))
 
     @property
@@ -495,20 +525,16 @@ class SelfSpeculativeDecoder:
         start = self.slots.length(first_layer)
         end = start + hidden_states.shape[1]
         mask = None if self.slot_mask is None else self.slots.attention_mask(self.slot_mask, end)
+        # Contiguous: one memory layout for every step (a compiled step's guards check strides).
+        position_ids = self.slot_positions[:, start:end].contiguous()
+        hidden_states, position_ids, mask = self.slots.widen(hidden_states, position_ids, mask)
         outputs = None if self.layer_outputs is None else []
         run = self.layer_steps if fixed_shape else run_decoder_layers
         hidden_states = run(
-            self.model,
-            hidden_states,
-            first_layer,
-            end_layer,
-            self.slot_positions[:, start:end],
-            mask,
-            self.cache,
-            self.rotary_tables,
-            outputs,
+            self.model, hidden_states, first_layer, end_layer, position_ids, mask, self.cache, self.rotary_tables, outputs
         )
         self.slots.written(first_layer, end_layer, hidden_states.shape[1])
+        hidden_states = self.slots.narrow(hidden_states)
         if outputs is not None:
             for layer, output in enumerate(outputs, first_layer):
                 self.layer_outputs[layer].append(output)
@@ -809,14 +835,16 @@ def self_speculative_decoding(
     if model_kwargs.get("exit_layer") is not None:
         raise ValueError("Pass either `exit_layer`/`early_exit` (lossy) or `assistant_early_exit` (lossless), not both.")
     cache = model_kwargs.get("cache")
-    cache_slots(cache, model.config.num_hidden_layers)  # raises for a cache it cannot draft into
+    cache_slots(cache, model.config.num_hidden_layers, input_ids.shape[0])  # raises for a cache it cannot draft into
     compile_config = step_compile_config(model, generation_config, model_kwargs)
     padded_length = generation_config.max_length - 1 + generation_config.num_assistant_tokens
     generates_own_cache = not getattr(cache, "_is_user_defined", False)
     if compile_config is not None and generates_own_cache and cache.layers[0].max_cache_len < padded_length:
         # A static cache of `generate`'s own, sized for plain decoding: size it for padded verification too. It is
-        # allocated on its first write, so nothing is wasted.
+        # allocated on its first write, so nothing is wasted; later calls' caches get this size too, as `generate`
+        # keeps it, so that shorter calls reuse the compiled steps.
         cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=padded_length)
+        model._previous_max_cache_length = padded_length
     batch_size, prompt_length = input_ids.shape
     attention_mask = model_kwargs.get("attention_mask")
     validate_batch_request(batch_size, generation_config, logits_processor, stopping_criteria, streamer, attention_mask)
