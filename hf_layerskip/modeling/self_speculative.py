@@ -25,7 +25,12 @@ import torch
 from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import LogitsProcessorList, PrefixConstrainedLogitsProcessor
-from transformers.generation.stopping_criteria import MaxLengthCriteria, MaxTimeCriteria
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    StopStringCriteria,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
@@ -264,20 +269,20 @@ class StaticCacheSlots:
         self.rows: torch.LongTensor | None = None  # the active rows' places in the cache; `None`: every row, in order
         self.capacity = cache.layers[0].max_cache_len
         # One synchronisation per call: a returned cache may already hold an earlier turn.
-        self.lengths = [int(cache.get_seq_length(layer)) for layer in range(num_layers)]
+        self.held = [int(cache.get_seq_length(layer)) for layer in range(num_layers)]
 
     def length(self, layer: int) -> int:
-        return self.lengths[layer]
+        return self.held[layer]
 
     def written(self, first_layer: int, end_layer: int, count: int) -> None:
         for layer in range(first_layer, end_layer):
-            self.lengths[layer] += count
+            self.held[layer] += count
 
     def truncate(self, length: int) -> None:
-        for layer, held in zip(self.cache.layers, self.lengths):
+        for layer, held in zip(self.cache.layers, self.held):
             if held > length:
                 layer.cumulative_length.fill_(length)  # in place: the tensor's address is static
-        self.lengths = [min(held, length) for held in self.lengths]
+        self.held = [min(held, length) for held in self.held]
 
     def attention_mask(self, slot_mask: torch.BoolTensor, end: int) -> torch.BoolTensor:
         # A static layer's keys span all its slots; so must the mask (one shape for every step).
@@ -312,7 +317,7 @@ class StaticCacheSlots:
                     states[self.rows, :, :width] = moved
         for layer in self.cache.layers:
             layer.cumulative_length.fill_(width)
-        self.lengths = [width] * len(self.lengths)
+        self.held = [width] * len(self.held)
 
 
 def _slot_index(source: torch.LongTensor, states: torch.Tensor) -> torch.LongTensor:
@@ -474,6 +479,8 @@ class SelfSpeculativeDecoder:
         self.tokens[:, :prompt_length] = input_ids
         self.rows = torch.arange(batch_size, device=device)
         self.lengths = torch.full((batch_size,), prompt_length, device=device)
+        # The same on the host, so that the loop reads them without synchronising.
+        self.host_rows, self.host_lengths = list(range(batch_size)), [prompt_length] * batch_size
         self.sequence_lengths = self.lengths.clone()  # (batch_size,): final once a row has left
         if attention_mask is None and batch_size > 1:
             attention_mask = torch.ones_like(input_ids)
@@ -498,6 +505,8 @@ class SelfSpeculativeDecoder:
             self.slot_positions[:, :prompt_length] = prompt_positions
             self.slot_mask = torch.zeros((batch_size, capacity), dtype=torch.bool, device=device)
             self.slot_mask[:, :prompt_length] = attention_mask.bool()
+            # (num_active,) on the host: the cache's slots that are a row's tokens, once prefilled (one sync per call).
+            self.valid_slots = attention_mask[:, :-1].sum(dim=-1).tolist()
         self.next_positions = self.slot_positions[:, prompt_length - 1].clone()  # (num_active,): of the pending tokens
         self.filled = 0
         rotary = model.model.rotary_emb
@@ -531,7 +540,8 @@ class SelfSpeculativeDecoder:
         outputs = None if self.layer_outputs is None else []
         run = self.layer_steps if fixed_shape else run_decoder_layers
         hidden_states = run(
-            self.model, hidden_states, first_layer, end_layer, position_ids, mask, self.cache, self.rotary_tables, outputs
+            self.model, hidden_states, first_layer, end_layer, position_ids, mask, self.cache, self.rotary_tables,
+            outputs,
         )
         self.slots.written(first_layer, end_layer, hidden_states.shape[1])
         hidden_states = self.slots.narrow(hidden_states)
@@ -549,7 +559,7 @@ class SelfSpeculativeDecoder:
         cached = {self.slots.length(layer) for layer in range(num_layers)}
         if len(cached) > 1:
             raise ValueError(f"Every cache layer must hold the same number of tokens, got {sorted(cached)}.")
-        prompt_length = int(self.lengths[0])
+        prompt_length = self.host_lengths[0]
         # A cache holding the whole prompt gives back its last token, which the first draft step processes.
         self.slots.truncate(prompt_length - 1)
         start = self.recorded_from = self.slots.length(0)
@@ -599,7 +609,7 @@ class SelfSpeculativeDecoder:
         """
         rows, lengths, tokens = self.rows, self.lengths, self.tokens
         # The full model's token after the draft also has to fit in `max_length`.
-        budget = max(min(self.num_speculations, self.max_length - int(lengths.max()) - 1), 0)
+        budget = max(min(self.num_speculations, self.max_length - max(self.host_lengths) - 1), 0)
         self.open_slots(budget + 1)
         inputs = tokens[rows, lengths - 1]  # the pending tokens
         proposing = torch.ones_like(rows, dtype=torch.bool)
@@ -611,7 +621,7 @@ class SelfSpeculativeDecoder:
                 scores = torch.cat(
                     [
                         process_scores(self.row_processors[row], tokens[row : row + 1], length + step, scores[i : i + 1])
-                        for i, (row, length) in enumerate(zip(rows.tolist(), lengths.tolist()))
+                        for i, (row, length) in enumerate(zip(self.host_rows, self.host_lengths))
                     ]
                 )
             if self.confidence_threshold > 0:
@@ -661,7 +671,7 @@ class SelfSpeculativeDecoder:
         then each layer's output, the last one normed (`None` where `output_hidden_states` does not select it). The
         call's first token also covers the prompt positions run here (n > 1), as plain decoding's first step does.
         """
-        length = int(self.lengths[0])
+        length = self.host_lengths[0]
         start, end = self.recorded_from, length + num_kept - 1
         layers = [torch.cat(pieces, dim=1)[:, : end - start] for pieces in self.layer_outputs]
         layers[-1] = self.model.model.norm(layers[-1])
@@ -677,27 +687,33 @@ class SelfSpeculativeDecoder:
             for a, b in zip(bounds, bounds[1:])
         ]
 
-    def advance(self, num_kept: torch.LongTensor, finished: torch.BoolTensor) -> None:
-        """Each active row keeps `num_kept` `(num_active,)` new tokens (already in `tokens`); `finished` rows leave.
+    def advance(self, num_kept: list[int], finished: list[bool]) -> None:
+        """Each active row keeps `num_kept` (one per active row) new tokens (already in `tokens`); `finished` rows
+        leave. Host values: nothing here synchronises.
 
         A row's pending token and its first `num_kept - 1` new tokens stay in the cache; the cache keeps the most any
         remaining row keeps, and the rest of a row's round slots become holes.
         """
         start = self.filled
-        self.lengths = self.lengths + num_kept
-        self.next_positions = self.next_positions + num_kept
+        kept = torch.tensor(num_kept, device=self.lengths.device)
+        self.lengths = self.lengths + kept
+        self.next_positions = self.next_positions + kept
         self.sequence_lengths[self.rows] = self.lengths
-        if bool(finished.all()):
-            self.slots.truncate(start + int(num_kept.max()))  # one row: its cache holds all its tokens but the last
-            self.rows = self.rows[:0]
+        self.host_lengths = [length + count for length, count in zip(self.host_lengths, num_kept)]
+        if self.slot_mask is not None:
+            self.valid_slots = [valid + count for valid, count in zip(self.valid_slots, num_kept)]
+        if all(finished):
+            self.slots.truncate(start + max(num_kept))  # one row: its cache holds all its tokens but the last
+            self.rows, self.host_rows, self.host_lengths = self.rows[:0], [], []
             return
-        if bool(finished.any()):
-            self._keep_rows((~finished).nonzero().squeeze(1))
-            num_kept = num_kept[~finished]
-        width = int(num_kept.max())
+        if any(finished):
+            remaining = [i for i, done in enumerate(finished) if not done]
+            self._keep_rows(remaining)
+            num_kept, kept = [num_kept[i] for i in remaining], kept[remaining]
+        width = max(num_kept)
         self.slots.truncate(start + width)
         if self.slot_mask is not None:
-            self.slot_mask[:, start : start + width] = torch.arange(width, device=num_kept.device) < num_kept[:, None]
+            self.slot_mask[:, start : start + width] = torch.arange(width, device=kept.device) < kept[:, None]
         self.filled = start + width
         if self.batch_size > 1:
             self._compact_if_sparse()
@@ -717,8 +733,13 @@ class SelfSpeculativeDecoder:
         if self.slot_mask is not None:
             self.slot_mask = torch.cat([self.slot_mask, self.slot_mask.new_zeros((self.num_active, extra))], 1)
 
-    def _keep_rows(self, keep: torch.LongTensor) -> None:
-        """Only the active rows `keep` `(num_kept,)` go on: every per-row tensor and the cache are narrowed to them."""
+    def _keep_rows(self, remaining: list[int]) -> None:
+        """Only the active rows `remaining` go on: every per-row tensor and the cache are narrowed to them."""
+        self.host_rows = [self.host_rows[i] for i in remaining]
+        self.host_lengths = [self.host_lengths[i] for i in remaining]
+        if self.slot_mask is not None:
+            self.valid_slots = [self.valid_slots[i] for i in remaining]
+        keep = torch.tensor(remaining, device=self.rows.device)
         self.slots.select_rows(keep)
         self.rows, self.lengths, self.next_positions = self.rows[keep], self.lengths[keep], self.next_positions[keep]
         self.slot_positions = self.slot_positions[keep]
@@ -727,7 +748,7 @@ class SelfSpeculativeDecoder:
 
     def _compact_if_sparse(self) -> None:
         """Compacts once the slots that are holes (or padding) in every row are a large part of the cache."""
-        width = int(self.slot_mask[:, : self.filled].sum(dim=-1).max())
+        width = max(self.valid_slots)
         if self.filled - width >= max(_MIN_SLOTS_TO_COMPACT, _COMPACT_AT_HOLE_FRACTION * self.filled):
             self._compact()
 
@@ -735,13 +756,13 @@ class SelfSpeculativeDecoder:
         """Drops the slots that are holes (or padding) in every row: each row's valid slots move, in order, to the
         right end of a narrower cache (left padding, as a padded prompt has)."""
         valid = self.slot_mask[:, : self.filled]  # (num_active, filled)
-        counts = valid.sum(dim=-1)
-        width = int(counts.max())
-        offsets = width - counts  # (num_active,): padding slots before each row's valid ones
-        row_index, slot_index = valid.nonzero(as_tuple=True)
-        destination = (valid.long().cumsum(dim=-1) - 1 + offsets[:, None])[row_index, slot_index]
-        source = torch.zeros((self.num_active, width), dtype=torch.long, device=valid.device)
-        source[row_index, destination] = slot_index
+        width = max(self.valid_slots)
+        offsets = width - torch.tensor(self.valid_slots, device=valid.device)  # (num_active,): padding slots first
+        # Each row's valid slots, in order, then the rest (a stable sort): the `r`-th valid slot goes to slot
+        # `offset + r`. The padding slots before take any entry; the mask hides them. Nothing synchronises.
+        valid_first = torch.sort((~valid).int(), dim=-1, stable=True).indices
+        ranks = (torch.arange(width, device=valid.device) - offsets[:, None]).clamp(min=0)  # (num_active, width)
+        source = valid_first.gather(1, ranks)
         self.slots.move_slots(source)
         capacity = self.slot_mask.shape[1]
         positions = self.slot_positions.gather(1, source)
@@ -751,15 +772,27 @@ class SelfSpeculativeDecoder:
         self.filled = width
 
 
+def accept_greedy_rows(
+    draft_tokens: torch.LongTensor, target_scores: torch.Tensor
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Per row, the longest prefix of `draft_tokens` `(rows, k)` the full model's argmax agrees with, on the device.
+
+    `target_scores` `(rows, k + 1, vocab_size)`. Returns the numbers accepted `(rows,)` and the full model's tokens
+    `(rows, k + 1)`, whose first `accepted + 1` are each row's new tokens.
+    """
+    target_tokens = target_scores.argmax(dim=-1)  # (rows, k + 1)
+    agreeing = (draft_tokens == target_tokens[:, :-1]).long()
+    return agreeing.cumprod(dim=-1).sum(dim=-1), target_tokens
+
+
 def accept_greedy(draft_tokens: torch.LongTensor, target_scores: torch.Tensor) -> tuple[int, torch.LongTensor]:
     """Longest prefix of `draft_tokens` `(k,)` the full model's argmax agrees with, plus its next token.
 
     `target_scores` `(k + 1, vocab_size)`. Returns the number accepted and the new tokens `(accepted + 1,)`.
     """
-    target_tokens = target_scores.argmax(dim=-1)  # (k + 1,)
-    mismatches = (draft_tokens != target_tokens[:-1]).nonzero()
-    num_accepted = int(mismatches[0]) if len(mismatches) else len(draft_tokens)
-    return num_accepted, target_tokens[: num_accepted + 1]
+    num_accepted, target_tokens = accept_greedy_rows(draft_tokens[None], target_scores[None])
+    num_accepted = int(num_accepted[0])
+    return num_accepted, target_tokens[0, : num_accepted + 1]
 
 
 def residual_distribution(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
@@ -767,7 +800,8 @@ def residual_distribution(target_probs: torch.Tensor, draft_probs: torch.Tensor)
     residual = (target_probs - draft_probs).clamp(min=0)
     total = residual.sum()
     # A rejection needs p < q at the draft token, hence p > q elsewhere; only rounding can leave nothing here.
-    return residual / total if total > 0 else target_probs
+    # Chosen on the device: no synchronisation.
+    return torch.where(total > 0, residual / total.clamp(min=torch.finfo(total.dtype).tiny), target_probs)
 
 
 def accept_speculative_sampling(
@@ -790,8 +824,7 @@ def accept_speculative_sampling(
     p = target_probs[steps, draft_tokens]  # (k,)
     # u < p/q, written without the division.
     kept = torch.rand(num_drafted, device=q.device) * q < p
-    rejections = (~kept).nonzero()
-    num_accepted = int(rejections[0]) if len(rejections) else num_drafted
+    num_accepted = int(kept.long().cumprod(dim=0).sum())  # the row's one synchronisation
     if num_accepted < num_drafted:
         next_probs = residual_distribution(target_probs[num_accepted], draft_probs[num_accepted])
     else:
@@ -808,6 +841,81 @@ def accept(draft_tokens, draft_scores, target_scores, do_sample: bool) -> tuple[
         return accept_greedy(draft_tokens, target_scores)
     draft_probs = draft_scores.softmax(dim=-1) if draft_scores is not None else target_scores[:0]
     return accept_speculative_sampling(draft_tokens, draft_probs, target_scores.softmax(dim=-1))
+
+
+# Stopping criteria that are pure functions of the tokens (and the clock): they can be called on a round's candidate
+# tokens beyond where a row stops, so all of a round's calls are made before one synchronisation reads them. Others
+# (a user's, which may keep state) are called token by token, exactly as plain decoding calls them.
+_PURE_STOPPING_CRITERIA = (MaxLengthCriteria, MaxTimeCriteria, EosTokenCriteria, StopStringCriteria)
+
+
+def accept_round(decoder, num_drafted, draft_scores, processed, do_sample, stopping_criteria, scores):
+    """Acceptance and stopping of one round, for the active rows: writes each row's new tokens into
+    `decoder.tokens` after its pending token, and returns, on the host, per row, the number of drafts accepted and
+    the 1-based index of the first new token a stopping criterion fires on (a larger number where none does).
+
+    `processed` holds each row's processed scores `(num_drafted + 1, vocab_size)`; `scores` the call's recorded scores
+    so far, or `None`. Greedy acceptance writes the full model's `num_drafted + 1` tokens (the accepted drafts equal
+    them), so that, with pure stopping criteria, nothing reaches the host before the round's one synchronisation.
+    """
+    tokens, rows, lengths = decoder.tokens, decoder.rows, decoder.lengths
+    steps = torch.arange(num_drafted + 1, device=tokens.device)
+    if do_sample:  # one synchronisation per row: the draw decides how many tokens the row gets
+        num_accepted, num_candidates = [], []
+        for i, (row, length) in enumerate(zip(decoder.host_rows, decoder.host_lengths)):
+            accepted, new_tokens = accept(
+                tokens[row, length : length + num_drafted],
+                None if draft_scores is None else draft_scores[i],
+                processed[i],
+                do_sample,
+            )
+            tokens[row, length : length + len(new_tokens)] = new_tokens
+            num_accepted.append(accepted)
+            num_candidates.append(len(new_tokens))
+        device_accepted = None
+    else:
+        draft_tokens = tokens[rows[:, None], lengths[:, None] + steps[:-1]]  # (num_active, num_drafted)
+        device_accepted, target_tokens = accept_greedy_rows(draft_tokens, torch.stack(processed))
+        tokens[rows[:, None], lengths[:, None] + steps] = target_tokens
+        num_candidates = [num_drafted + 1] * len(decoder.host_rows)
+    if not all(isinstance(criterion, _PURE_STOPPING_CRITERIA) for criterion in stopping_criteria):
+        num_accepted = device_accepted.tolist() if device_accepted is not None else num_accepted
+        return num_accepted, [
+            _first_stop(stopping_criteria, tokens[row : row + 1], length, processed[i], num_accepted[i] + 1, scores)
+            for i, (row, length) in enumerate(zip(decoder.host_rows, decoder.host_lengths))
+        ]
+    fired = [
+        torch.stack(
+            [
+                stopping_criteria(tokens[row : row + 1, : length + j], _scores_so_far(scores, processed[i], j))[0]
+                for j in range(1, candidates + 1)
+            ]
+        )
+        for i, (row, length, candidates) in enumerate(zip(decoder.host_rows, decoder.host_lengths, num_candidates))
+    ]
+    width = num_drafted + 1
+    fired = torch.stack([torch.nn.functional.pad(row_fired, (0, width - len(row_fired))) for row_fired in fired])
+    # The first firing token per row, 1-based; `width + 1` where none fires.
+    first_stop = torch.where(fired.any(dim=-1), fired.int().argmax(dim=-1) + 1, width + 1)
+    if device_accepted is None:
+        return num_accepted, first_stop.tolist()
+    host = torch.stack([device_accepted, first_stop]).tolist()  # the round's one synchronisation
+    return host[0], host[1]
+
+
+def _scores_so_far(scores, processed, count: int):
+    """What plain decoding passes a stopping criterion at the `count`-th new token of a round: every new token's
+    processed scores so far, or `None` without `output_scores`."""
+    return None if scores is None else (*scores, *processed[:count].split(1))
+
+
+def _first_stop(stopping_criteria, row_tokens, length: int, processed, num_new: int, scores) -> int:
+    """Calls the criteria token by token on one row's `num_new` new tokens, as plain decoding does, and stops at the
+    first that fires (one synchronisation per token); returns its 1-based index, or `num_new + 1`."""
+    for count in range(1, num_new + 1):
+        if stopping_criteria(row_tokens[:, : length + count], _scores_so_far(scores, processed, count)).any():
+            return count
+    return num_new + 1
 
 
 def self_speculative_decoding(
@@ -866,31 +974,28 @@ def self_speculative_decoding(
         final_hidden = decoder.verify(num_drafted)  # (num_active, num_drafted + 1, hidden_size)
         # One head call for every row and position: reading the head's weights dominates, not the number of rows.
         raw = model.exit_logits(final_hidden).float()
-        rows, lengths = decoder.rows.tolist(), decoder.lengths.tolist()
+        rows, lengths = decoder.host_rows, decoder.host_lengths
         counts.add_round(rows, num_drafted, draft_steps)
-        num_kept, finished = torch.zeros_like(decoder.lengths), torch.zeros_like(decoder.rows, dtype=torch.bool)
+        processed = [
+            process_scores(decoder.row_processors[row], tokens[row : row + 1], length, raw[i])
+            for i, (row, length) in enumerate(zip(rows, lengths))
+        ]
+        # Each row's candidate new tokens are written into `tokens`; how many it accepts and where it stops reach the
+        # host together, in one synchronisation where the rule and the stopping criteria allow (see `accept_round`).
+        num_accepted, stops = accept_round(
+            decoder, num_drafted, draft_scores, processed, do_sample, stopping_criteria, scores
+        )
+        num_kept, finished = [], []
         for i, (row, length) in enumerate(zip(rows, lengths)):
             row_tokens = tokens[row : row + 1]
-            processed = process_scores(decoder.row_processors[row], row_tokens, length, raw[i])
-            num_accepted, new_tokens = accept(
-                row_tokens[0, length : length + num_drafted],
-                None if draft_scores is None else draft_scores[i],
-                processed,
-                do_sample,
-            )
-            counts.accepted_tokens[row] += num_accepted
-            row_tokens[0, length : length + len(new_tokens)] = new_tokens
-            # Stop exactly where plain decoding would: after the first token any stopping criterion fires on. As in
-            # plain decoding, a criterion sees the tokens so far and the processed scores of every new token (`None`
-            # unless `output_scores`).
-            for kept in range(1, len(new_tokens) + 1):
-                if scores is not None:
-                    scores.append(processed[kept - 1 : kept])
-                if stopping_criteria(row_tokens[:, : length + kept], None if scores is None else tuple(scores)).any():
-                    finished[i] = True
-                    break
-            num_kept[i] = kept
-            counts.from_draft[row].extend(position < num_accepted for position in range(kept))
+            counts.accepted_tokens[row] += num_accepted[i]
+            # Stop exactly where plain decoding would: after the first token any stopping criterion fires on.
+            kept = min(num_accepted[i] + 1, stops[i])
+            num_kept.append(kept)
+            finished.append(stops[i] <= num_accepted[i] + 1)
+            if scores is not None:
+                scores.extend(processed[i][j : j + 1] for j in range(kept))
+            counts.from_draft[row].extend(position < num_accepted[i] for position in range(kept))
             # What follows exists for one row only (`validate_batch_request`).
             if streamer is not None:
                 streamer.put(row_tokens[:, length : length + kept].cpu())

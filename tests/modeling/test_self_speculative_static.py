@@ -112,7 +112,11 @@ def test_each_layer_processes_each_position_once_on_a_static_cache(exit_layer, n
             lambda: outputs.__setitem__(
                 "ours",
                 model.generate(
-                    **inputs, assistant_early_exit=exit_layer, num_assistant_tokens=num_speculations, **settings, **STATIC
+                    **inputs,
+                    assistant_early_exit=exit_layer,
+                    num_assistant_tokens=num_speculations,
+                    **settings,
+                    **STATIC,
                 ),
             ),
         )
