@@ -544,6 +544,10 @@ class SelfSpeculativeDecoder:
             outputs,
         )
         self.slots.written(first_layer, end_layer, hidden_states.shape[1])
+        if run is not run_decoder_layers:
+            # A compiled step under CUDA graphs ("reduce-overhead") overwrites its output on its next replay, and a
+            # round keeps several draft steps' outputs: copy it out, as `generate` copies plain decoding's logits.
+            hidden_states = hidden_states.clone()
         hidden_states = self.slots.narrow(hidden_states)
         if outputs is not None:
             for layer, output in enumerate(outputs, first_layer):
