@@ -16,6 +16,10 @@ positions; the others' rejected drafts stay behind as holes that the attention m
 compacted when holes make up half of it. Finished rows leave the batch. Between rounds every cache layer holds all of
 a row's tokens but the last one. Greedy output equals plain greedy decoding token for token, row by row; sampling is
 exact speculative sampling. This file travels with saved checkpoints as remote code.
+
+The cache is a `DynamicCache` (rejected drafts are cropped) or a `StaticCache` (its write position is rewound and
+rejected drafts are overwritten; see `StaticCacheSlots`). Where `generate` would compile plain decoding, the draft
+and verification layer passes are compiled, on fixed shapes. Greedy decoding reads the device once per round.
 """
 
 import copy
@@ -510,7 +514,7 @@ class SelfSpeculativeDecoder:
         self.next_positions = self.slot_positions[:, prompt_length - 1].clone()  # (num_active,): of the pending tokens
         self.filled = 0
         rotary = model.model.rotary_emb
-        self.rotary_tables = None  # cos and sin, each (max_length, head_dim), indexed by position
+        self.rotary_tables = None  # cos and sin, each (num_positions, head_dim), indexed by position
         if not any(kind in str(rotary.rope_type) for kind in _LENGTH_DEPENDENT_ROPE):
             # Padded verification positions run up to `d` past the last token; a static cache's length bounds them
             # (and keeps the tables one shape across calls).
