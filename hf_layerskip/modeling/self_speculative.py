@@ -793,16 +793,6 @@ def accept_greedy_rows(
     return agreeing.cumprod(dim=-1).sum(dim=-1), target_tokens
 
 
-def accept_greedy(draft_tokens: torch.LongTensor, target_scores: torch.Tensor) -> tuple[int, torch.LongTensor]:
-    """Longest prefix of `draft_tokens` `(k,)` the full model's argmax agrees with, plus its next token.
-
-    `target_scores` `(k + 1, vocab_size)`. Returns the number accepted and the new tokens `(accepted + 1,)`.
-    """
-    num_accepted, target_tokens = accept_greedy_rows(draft_tokens[None], target_scores[None])
-    num_accepted = int(num_accepted[0])
-    return num_accepted, target_tokens[0, : num_accepted + 1]
-
-
 def residual_distribution(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
     """norm(max(p − q, 0)) `(vocab_size,)`: where a rejected draft token's replacement is drawn from."""
     residual = (target_probs - draft_probs).clamp(min=0)
@@ -841,12 +831,10 @@ def accept_speculative_sampling(
     return num_accepted, torch.cat([draft_tokens[:num_accepted], next_token])
 
 
-def accept(draft_tokens, draft_scores, target_scores, do_sample: bool) -> tuple[int, torch.LongTensor]:
-    """One row's acceptance rule: `draft_tokens` `(k,)`, processed `draft_scores` `(k, vocab_size)` (`None` when
+def accept_sampled(draft_tokens, draft_scores, target_scores) -> tuple[int, torch.LongTensor]:
+    """One row's speculative sampling: `draft_tokens` `(k,)`, processed `draft_scores` `(k, vocab_size)` (`None` when
     `k == 0`) and `target_scores` `(k + 1, vocab_size)` of the full model. Returns the number of drafts accepted and
     the new tokens `(accepted + 1,)`."""
-    if not do_sample:
-        return accept_greedy(draft_tokens, target_scores)
     draft_probs = draft_scores.softmax(dim=-1) if draft_scores is not None else target_scores[:0]
     return accept_speculative_sampling(draft_tokens, draft_probs, target_scores.softmax(dim=-1))
 
@@ -871,11 +859,8 @@ def accept_round(decoder, num_drafted, draft_scores, processed, do_sample, stopp
     if do_sample:  # one synchronisation per row: the draw decides how many tokens the row gets
         num_accepted, num_candidates = [], []
         for i, (row, length) in enumerate(zip(decoder.host_rows, decoder.host_lengths)):
-            accepted, new_tokens = accept(
-                tokens[row, length : length + num_drafted],
-                None if draft_scores is None else draft_scores[i],
-                processed[i],
-                do_sample,
+            accepted, new_tokens = accept_sampled(
+                tokens[row, length : length + num_drafted], None if draft_scores is None else draft_scores[i], processed[i]
             )
             tokens[row, length : length + len(new_tokens)] = new_tokens
             num_accepted.append(accepted)
