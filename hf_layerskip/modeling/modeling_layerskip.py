@@ -127,10 +127,12 @@ class LayerSkipModelMixin:
                 else:
                     window = position_window(key_positions, self.config.sliding_window)
                     masks[layer_type] = create_causal_mask(**mask_kwargs, and_mask_function=window)
-            elif attention_mask is not None or hidden_states.shape[1] > 1:
+            # One unpadded query attends to all it sees: no mask needed, unless the cache is static (its layers hold
+            # `max_cache_len` slots, the unwritten ones included).
+            elif attention_mask is not None or hidden_states.shape[1] > 1 or getattr(cache, "is_compileable", False):
                 masks[layer_type] = create_causal_mask(**mask_kwargs)
             else:
-                masks[layer_type] = None  # one unpadded query attends to all it sees: no mask needed
+                masks[layer_type] = None
         return masks
 
     def run_layers(

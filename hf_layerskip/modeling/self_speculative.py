@@ -17,6 +17,10 @@ positions; the others' rejected drafts stay behind as holes that the attention m
 compacted when holes make up half of it. Finished rows leave the batch. Between rounds every cache layer holds all of
 a row's tokens but the last one. Greedy output equals plain greedy decoding token for token, row by row; sampling is
 exact speculative sampling. This file travels with saved checkpoints as remote code.
+
+The cache is a `DynamicCache` (rejected drafts are cropped) or a `StaticCache` (its write position is rewound and
+rejected drafts are overwritten; see `StaticCacheSlots`). Where `generate` would compile plain decoding, the draft
+and verification layer passes are compiled, on fixed shapes. Greedy decoding reads the device once per round.
 """
 
 import copy
@@ -24,10 +28,15 @@ from dataclasses import dataclass
 
 import torch
 from torch.utils._pytree import tree_map
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, StaticCache, StaticLayer
 from transformers.generation.configuration_utils import GenerationMode
 from transformers.generation.logits_process import LogitsProcessorList, PrefixConstrainedLogitsProcessor
-from transformers.generation.stopping_criteria import MaxLengthCriteria, MaxTimeCriteria
+from transformers.generation.stopping_criteria import (
+    EosTokenCriteria,
+    MaxLengthCriteria,
+    MaxTimeCriteria,
+    StopStringCriteria,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
@@ -146,14 +155,17 @@ def validate_self_speculative_request(model, generation_mode, generation_config,
         # The draft and verification passes call the decoder layers directly, outside transformers' output capture.
         "output_attentions": bool(generation_config.output_attentions),
         "synced_gpus": bool(generation_mode_kwargs.get("synced_gpus")),
-        # Drafts and rejections crop the cache: it must be a `DynamicCache`.
+        # Drafts are written into the one cache.
         "use_cache=False": generation_config.use_cache is False,
-        f"cache_implementation={generation_config.cache_implementation!r}": generation_config.cache_implementation
-        not in (None, "dynamic"),
     }
     for name, is_set in unsupported.items():
         if is_set:
             raise ValueError(f"`{name}` is not supported with self-speculative decoding (`assistant_early_exit`).")
+    if generation_config.cache_implementation not in SUPPORTED_CACHE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"`cache_implementation={generation_config.cache_implementation!r}` is not supported with self-speculative "
+            f"decoding (`assistant_early_exit`); use one of {SUPPORTED_CACHE_IMPLEMENTATIONS} (None: a DynamicCache)."
+        )
     schedule = generation_config.num_assistant_tokens_schedule
     if schedule not in (None, "constant"):
         raise ValueError(
@@ -201,6 +213,9 @@ def validate_batch_request(
         )
 
 
+SUPPORTED_CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")
+
+
 def crop_cache(cache: DynamicCache, length: int) -> None:
     """Crops every cache layer to its first `length` positions (layers may hold different lengths)."""
     for layer in cache.layers:
@@ -220,6 +235,196 @@ def lookup_continuation(sequence: torch.LongTensor, max_ngram_size: int, num_tok
             start = int(hits[-1]) + n
             return sequence[start : start + num_tokens]
     return sequence[:0]
+
+
+class DynamicCacheSlots:
+    """The decoder's slots on a `DynamicCache`: a layer holds exactly the slots written to it; rejected drafts are
+    cropped, and rows and slots are dropped by building narrower tensors."""
+
+    # A dynamic cache grows as it is written: no slot limit.
+    capacity: int | None = None
+
+    def __init__(self, cache: DynamicCache, num_layers: int, batch_size: int):
+        self.cache = cache
+
+    def length(self, layer: int) -> int:
+        """Slots held by `layer` (a host int: a dynamic layer's length is its tensor's shape)."""
+        return self.cache.get_seq_length(layer)
+
+    def written(self, first_layer: int, end_layer: int, count: int) -> None:
+        """Layers `first_layer..end_layer-1` have each written `count` more slots (their tensors say so already)."""
+
+    def truncate(self, length: int) -> None:
+        """Every layer holds at most its first `length` slots."""
+        crop_cache(self.cache, length)
+
+    def attention_mask(self, slot_mask: torch.BoolTensor, end: int) -> torch.BoolTensor:
+        """The 2D mask of a step whose queries end at slot `end`: `slot_mask` `(rows, capacity)` cut to the slots the
+        layers hold then."""
+        return slot_mask[:, :end]
+
+    def select_rows(self, keep: torch.LongTensor) -> None:
+        """Keeps the active rows `keep` `(num_kept,)`."""
+        for layer in self.cache.layers:
+            layer.batch_select_indices(keep)
+
+    def widen(self, hidden_states, position_ids, attention_mask):
+        """A step's inputs, one row per active row, as the cache's rows take them (here: the same)."""
+        return hidden_states, position_ids, attention_mask
+
+    def narrow(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """A step's output `(cache rows, ...)` cut to the active rows (here: the same)."""
+        return hidden_states
+
+    def move_slots(self, source: torch.LongTensor) -> None:
+        """Every layer keeps, per row, the slots `source` `(rows, width)` in that order: slot `j` of row `i` becomes
+        what slot `source[i, j]` was; layers hold `width` slots after."""
+        for layer in self.cache.layers:
+            for name in ("keys", "values"):
+                states = getattr(layer, name)  # (rows, num_heads, slots, head_dim)
+                setattr(layer, name, states.gather(2, _slot_index(source, states)))
+
+
+class StaticCacheSlots:
+    """The decoder's slots on a `StaticCache`: every layer holds `max_cache_len` slots at fixed addresses (what compiled
+    steps need) and writes at its own write position (`cumulative_length`, a device tensor). Rejected drafts are not
+    cropped: the write position is rewound, and the next writes overwrite them. Slots beyond a layer's write position
+    hold stale entries, which the causal mask hides (a query sees only slots up to its own) and the full-length slot
+    mask hides from the other rows. The lengths are kept on the host, so that reading them does not synchronise.
+
+    The batch keeps its size too: rows that have left keep their places in the cache and ride along in every step
+    (attending to all their slots, their outputs dropped), so that shapes, and compiled graphs, stay the same."""
+
+    def __init__(self, cache: StaticCache, num_layers: int, batch_size: int):
+        self.cache = cache
+        self.batch_size = batch_size
+        self.rows: torch.LongTensor | None = None  # the active rows' places in the cache; `None`: every row, in order
+        self.capacity = cache.layers[0].max_cache_len
+        # One synchronisation per call: a returned cache may already hold an earlier turn.
+        self.held = [int(cache.get_seq_length(layer)) for layer in range(num_layers)]
+
+    def length(self, layer: int) -> int:
+        return self.held[layer]
+
+    def written(self, first_layer: int, end_layer: int, count: int) -> None:
+        for layer in range(first_layer, end_layer):
+            self.held[layer] += count
+
+    def truncate(self, length: int) -> None:
+        for layer, held in zip(self.cache.layers, self.held):
+            if held > length:
+                layer.cumulative_length.fill_(length)  # in place: the tensor's address is static
+        self.held = [min(held, length) for held in self.held]
+
+    def attention_mask(self, slot_mask: torch.BoolTensor, end: int) -> torch.BoolTensor:
+        # A static layer's keys span all its slots; so must the mask (one shape for every step).
+        return slot_mask
+
+    def select_rows(self, keep: torch.LongTensor) -> None:
+        self.rows = keep if self.rows is None else self.rows[keep]
+
+    def widen(self, hidden_states, position_ids, attention_mask):
+        if self.rows is None:
+            return hidden_states, position_ids, attention_mask
+
+        def widened(tensor, fill):
+            wide = tensor.new_full((self.batch_size, *tensor.shape[1:]), fill)
+            return wide.index_copy(0, self.rows, tensor)
+
+        mask = None if attention_mask is None else widened(attention_mask, True)
+        return widened(hidden_states, 0), widened(position_ids, 0), mask
+
+    def narrow(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states if self.rows is None else hidden_states.index_select(0, self.rows)
+
+    def move_slots(self, source: torch.LongTensor) -> None:
+        width = source.shape[1]
+        for layer in self.cache.layers:
+            for states in (layer.keys, layer.values):  # (batch_size, num_heads, max_cache_len, head_dim)
+                active = states if self.rows is None else states[self.rows]
+                moved = active.gather(2, _slot_index(source, active))
+                if self.rows is None:
+                    states[:, :, :width] = moved
+                else:
+                    states[self.rows, :, :width] = moved
+        for layer in self.cache.layers:
+            layer.cumulative_length.fill_(width)
+        self.held = [width] * len(self.held)
+
+
+def _slot_index(source: torch.LongTensor, states: torch.Tensor) -> torch.LongTensor:
+    """`source` `(rows, width)` as a gather index over the slots of `states` `(rows, num_heads, slots, head_dim)`."""
+    return source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
+
+
+def cache_slots(cache, num_layers: int, batch_size: int) -> DynamicCacheSlots | StaticCacheSlots:
+    """The slot bookkeeping for `cache` of a batch of `batch_size` rows; raises a `ValueError` for a cache the decoder
+    cannot draft into."""
+    if type(cache) is DynamicCache:
+        return DynamicCacheSlots(cache, num_layers, batch_size)
+    if type(cache) is StaticCache and all(type(layer) is StaticLayer for layer in cache.layers):
+        return StaticCacheSlots(cache, num_layers, batch_size)
+    raise ValueError(
+        "Self-speculative decoding needs a `DynamicCache` or a `StaticCache` without sliding-window layers "
+        f"(`cache_implementation` None, 'dynamic' or 'static'), got {type(cache).__name__}."
+    )
+
+
+def run_decoder_layers(
+    model,
+    hidden_states,
+    first_layer,
+    end_layer,
+    position_ids,
+    attention_mask,
+    cache,
+    rotary_tables,
+    layer_outputs=None,
+    key_positions=None,
+) -> torch.Tensor:
+    """Layers `first_layer..end_layer-1` on `hidden_states` `(rows, query_length, hidden_size)` at `position_ids`
+    `(rows, query_length)`, writing into `cache`: one draft, verification or prefill pass. `rotary_tables`: (cos,
+    sin), each `(num_positions, head_dim)` (a dict of them per layer type where the model's rotary embedding differs
+    by layer type), or `None` to build them from the positions. `key_positions` `(rows, key_length)`: each cache
+    slot's position, for sliding windows. Returns the last layer's output, same shape; appends each layer's to
+    `layer_outputs` when a list."""
+    position_embeddings = None
+    if rotary_tables is not None:
+        position_embeddings = tree_map(lambda table: table[position_ids], rotary_tables)
+    return model.model.run_layers(
+        hidden_states,
+        first_layer,
+        end_layer,
+        position_ids,
+        attention_mask,
+        cache,
+        layer_outputs=layer_outputs,
+        position_embeddings=position_embeddings,
+        key_positions=key_positions,
+    )
+
+
+# `run_decoder_layers` compiled, per compile configuration.
+_compiled_layer_runs: dict = {}
+
+
+def compiled_decoder_layers(compile_config):
+    """[`run_decoder_layers`] under `torch.compile` with `compile_config` (a transformers `CompileConfig`), compiled
+    once per configuration; each layer range and shape is its own graph (a draft step, a padded verification)."""
+    options = compile_config.to_dict()
+    key = repr(sorted(options.items(), key=lambda item: item[0]))
+    if key not in _compiled_layer_runs:
+        _compiled_layer_runs[key] = torch.compile(run_decoder_layers, **options)
+    return _compiled_layer_runs[key]
+
+
+def step_compile_config(model, generation_config, model_kwargs):
+    """The `CompileConfig` to compile the draft and verification steps with, or `None`: compiled exactly where
+    `generate` compiles plain decoding's forward (`_valid_auto_compile_criteria`: a static cache on an accelerator,
+    or anywhere `compile_config` asks for every device)."""
+    if not model._valid_auto_compile_criteria(model_kwargs, generation_config):
+        return None
+    return generation_config.compile_config or model._default_compile_config()
 
 
 def _select(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
@@ -288,7 +493,9 @@ class SelfSpeculativeDecoder:
     positions from `recorded_from` on; `take_hidden_states` turns the accepted ones into what plain decoding returns.
     """
 
-    def __init__(self, model, generation_config, logits_processor, input_ids, cache: DynamicCache, attention_mask):
+    def __init__(
+        self, model, generation_config, logits_processor, input_ids, cache: Cache, attention_mask, compile_config=None
+    ):
         self.model = model
         self.exit_layer = generation_config.assistant_early_exit
         self.draft_exit = model.draft_exit(self.exit_layer)
@@ -310,6 +517,7 @@ class SelfSpeculativeDecoder:
         self.logits_processor = logits_processor
         self.row_processors = per_row_processors(logits_processor, input_ids.shape[0])  # indexed by batch row
         self.cache = cache
+        self.slots = cache_slots(cache, len(model.model.layers), input_ids.shape[0])
         self.exit_query_cache: torch.Tensor | None = None
         record = generation_config.return_dict_in_generate and generation_config.output_hidden_states
         self.layer_outputs = [[] for _ in model.model.layers] if record else None
@@ -325,10 +533,24 @@ class SelfSpeculativeDecoder:
         self.tokens[:, :prompt_length] = input_ids
         self.rows = torch.arange(batch_size, device=device)
         self.lengths = torch.full((batch_size,), prompt_length, device=device)
+        # The same on the host, so that the loop reads them without synchronising.
+        self.host_rows, self.host_lengths = list(range(batch_size)), [prompt_length] * batch_size
         self.sequence_lengths = self.lengths.clone()  # (batch_size,): final once a row has left
         if attention_mask is None and batch_size > 1:
             attention_mask = torch.ones_like(input_ids)
-        capacity = self.max_length
+        # Compiled steps run on fixed shapes: one query token per draft step, `d + 1` per verification (padded).
+        self.layer_steps = run_decoder_layers
+        self.verify_width = None
+        if compile_config is not None and self.layer_outputs is None:
+            self.layer_steps = compiled_decoder_layers(compile_config)
+            self.verify_width = self.num_speculations + 1
+        self.round_width = 0  # slots opened this round
+        capacity = self.slots.capacity or self.max_length
+        if capacity < self.max_length - 1:
+            raise ValueError(
+                f"The static cache holds {capacity} positions; decoding to max_length={self.max_length} needs at "
+                f"least {self.max_length - 1}."
+            )
         self.slot_positions = torch.arange(capacity, device=device).repeat(batch_size, 1)
         self.slot_mask = None  # nothing is padded: causal masking alone
         if attention_mask is not None:
@@ -337,14 +559,19 @@ class SelfSpeculativeDecoder:
             self.slot_positions[:, :prompt_length] = prompt_positions
             self.slot_mask = torch.zeros((batch_size, capacity), dtype=torch.bool, device=device)
             self.slot_mask[:, :prompt_length] = attention_mask.bool()
+            # (num_active,) on the host: the cache's slots that are a row's tokens, once prefilled (one sync per call).
+            self.valid_slots = attention_mask[:, :-1].sum(dim=-1).tolist()
         self.next_positions = self.slot_positions[:, prompt_length - 1].clone()  # (num_active,): of the pending tokens
         self.filled = 0
         rotary = model.model.rotary_emb
-        # cos and sin, each (max_length, head_dim), indexed by position; a dict of them per layer type where the
+        # cos and sin, each (num_positions, head_dim), indexed by position; a dict of them per layer type where the
         # model's rotary embedding differs by layer type (`position_embeddings`).
         self.rotary_tables = None
         if not any(kind in str(rotary.rope_type) for kind in _LENGTH_DEPENDENT_ROPE):
-            all_positions = torch.arange(self.max_length, device=device)[None]
+            # Padded verification positions run up to `d` past the last token; a static cache's length bounds them
+            # (and keeps the tables one shape across calls).
+            num_positions = self.slots.capacity or self.max_length + self.num_speculations
+            all_positions = torch.arange(num_positions, device=device)[None]
             tables = model.model.position_embeddings(model.model.embed_tokens.weight, all_positions)
             self.rotary_tables = tree_map(lambda table: table[0], tables)
 
@@ -352,30 +579,35 @@ class SelfSpeculativeDecoder:
     def num_active(self) -> int:
         return len(self.rows)
 
-    def run_layers(self, hidden_states: torch.Tensor, first_layer: int, end_layer: int) -> torch.Tensor:
-        """[`LayerSkipModelMixin.run_layers`] on the slots right after those the cache of `first_layer` holds.
+    def run_layers(
+        self, hidden_states: torch.Tensor, first_layer: int, end_layer: int, fixed_shape: bool = True
+    ) -> torch.Tensor:
+        """[`run_decoder_layers`] on the slots right after those the cache of `first_layer` holds; compiled when
+        `fixed_shape` and the call compiles its steps.
 
         `hidden_states` `(num_active, query_length, hidden_size)` is the input of `first_layer`; returns the output of
         `end_layer - 1`, same shape. Records each layer's output with `output_hidden_states`.
         """
-        start = self.cache.get_seq_length(first_layer)
+        start = self.slots.length(first_layer)
         end = start + hidden_states.shape[1]
-        position_ids = self.slot_positions[:, start:end]
-        position_embeddings = None
-        if self.rotary_tables is not None:
-            position_embeddings = tree_map(lambda table: table[position_ids], self.rotary_tables)
+        mask = None if self.slot_mask is None else self.slots.attention_mask(self.slot_mask, end)
+        # Contiguous: one memory layout for every step (a compiled step's guards check strides).
+        position_ids = self.slot_positions[:, start:end].contiguous()
+        hidden_states, position_ids, mask = self.slots.widen(hidden_states, position_ids, mask)
         outputs = None if self.layer_outputs is None else []
-        hidden_states = self.model.model.run_layers(
-            hidden_states,
-            first_layer,
-            end_layer,
-            position_ids,
-            None if self.slot_mask is None else self.slot_mask[:, :end],
-            self.cache,
-            layer_outputs=outputs,
-            position_embeddings=position_embeddings,
-            key_positions=self.slot_positions[:, :end],  # sliding windows count positions, not slots (holes)
+        # Sliding windows count positions, not slots (a batch's cache has holes); static caches take no such layers.
+        key_positions = self.slot_positions[:, :end] if self.slots.capacity is None else None
+        run = self.layer_steps if fixed_shape else run_decoder_layers
+        hidden_states = run(
+            self.model, hidden_states, first_layer, end_layer, position_ids, mask, self.cache, self.rotary_tables,
+            outputs, key_positions,
         )
+        self.slots.written(first_layer, end_layer, hidden_states.shape[1])
+        if run is not run_decoder_layers:
+            # A compiled step under CUDA graphs ("reduce-overhead") overwrites its output on its next replay, and a
+            # round keeps several draft steps' outputs: copy it out, as `generate` copies plain decoding's logits.
+            hidden_states = hidden_states.clone()
+        hidden_states = self.slots.narrow(hidden_states)
         if outputs is not None:
             for layer, output in enumerate(outputs, first_layer):
                 self.layer_outputs[layer].append(output)
@@ -387,20 +619,29 @@ class SelfSpeculativeDecoder:
         The cache may already hold a prefix of the prompt (an earlier turn's returned cache): only the rest is run.
         """
         num_layers = len(self.model.model.layers)
-        cached = {self.cache.get_seq_length(layer) for layer in range(num_layers)}
+        cached = {self.slots.length(layer) for layer in range(num_layers)}
         if len(cached) > 1:
             raise ValueError(f"Every cache layer must hold the same number of tokens, got {sorted(cached)}.")
-        prompt_length = int(self.lengths[0])
+        prompt_length = self.host_lengths[0]
         # A cache holding the whole prompt gives back its last token, which the first draft step processes.
-        crop_cache(self.cache, prompt_length - 1)
-        start = self.recorded_from = self.cache.get_seq_length()
+        self.slots.truncate(prompt_length - 1)
+        start = self.recorded_from = self.slots.length(0)
         if start < prompt_length - 1:
-            self.run_layers(self.model.model.embed_tokens(self.tokens[:, start : prompt_length - 1]), 0, num_layers)
+            prompt = self.model.model.embed_tokens(self.tokens[:, start : prompt_length - 1])
+            self.run_layers(prompt, 0, num_layers, fixed_shape=False)
         self.filled = prompt_length - 1
 
     def open_slots(self, count: int) -> None:
-        """Slots `filled..filled+count-1` take each row's pending token and its next `count - 1` draft tokens."""
+        """Slots `filled..filled+count-1` take each row's pending token and its next `count - 1` draft tokens; with
+        compiled steps, verification's padding takes the slots after them, up to `d + 1` in all."""
+        count = max(count, self.verify_width or 0)
+        capacity = self.slots.capacity
+        if capacity is not None and self.filled + count > capacity and self.slot_mask is not None:
+            self._compact()  # a batch's holes have used up a static cache: drop them
+        if capacity is not None:
+            count = min(count, capacity - self.filled)  # a user's static cache may leave no room for padding
         start = self.filled
+        self.round_width = count
         self._reserve(start + count)
         self.slot_positions[:, start : start + count] = self.next_positions[:, None] + torch.arange(
             count, device=self.rows.device
@@ -431,11 +672,13 @@ class SelfSpeculativeDecoder:
         """
         rows, lengths, tokens = self.rows, self.lengths, self.tokens
         # The full model's token after the draft also has to fit in `max_length`.
-        room = self.max_length - int(lengths.max()) - 1
+        room = self.max_length - max(self.host_lengths) - 1
         if self.num_lookup_tokens and room > 0:
+            # Compiled verification takes at most `d + 1` positions.
+            limit = min(self.num_lookup_tokens, room, self.num_speculations if self.verify_width else room)
             looked_up = [
-                lookup_continuation(tokens[row, :length], self.lookup_ngram_size, min(self.num_lookup_tokens, room))
-                for row, length in zip(rows.tolist(), lengths.tolist())
+                lookup_continuation(tokens[row, :length], self.lookup_ngram_size, limit)
+                for row, length in zip(self.host_rows, self.host_lengths)
             ]
             if any(len(continuation) for continuation in looked_up):
                 return self.draft_by_lookup(looked_up)
@@ -454,7 +697,7 @@ class SelfSpeculativeDecoder:
                 scores = torch.cat(
                     [
                         process_scores(self.row_processors[row], tokens[row : row + 1], length + step, scores[i : i + 1])
-                        for i, (row, length) in enumerate(zip(rows.tolist(), lengths.tolist()))
+                        for i, (row, length) in enumerate(zip(self.host_rows, self.host_lengths))
                     ]
                 )
             if self.confidence_threshold > 0:
@@ -483,7 +726,7 @@ class SelfSpeculativeDecoder:
         """
         num_drafted = max(len(continuation) for continuation in continuations)
         self.open_slots(num_drafted + 1)
-        for row, length, continuation in zip(self.rows.tolist(), self.lengths.tolist(), continuations):
+        for row, length, continuation in zip(self.host_rows, self.host_lengths, continuations):
             proposal = continuation if len(continuation) else self.tokens[row, length - 1 : length]
             padding = proposal[-1:].expand(num_drafted - len(proposal))
             self.tokens[row, length : length + num_drafted] = torch.cat([proposal, padding])
@@ -506,14 +749,22 @@ class SelfSpeculativeDecoder:
         has already run it), or every looked-up token and the pending one; layers `E..L-1` run on the exit-query cache
         plus those.
         """
-        hidden = self.exit_query_cache
-        unrun = self.filled + num_drafted + 1 - self.cache.get_seq_length(0)
+        hidden = self.exit_query_cache  # one exit state per draft step run
+        unrun = num_drafted + 1 - hidden.shape[1]
         if unrun > 0:
             positions = self.lengths[:, None] + (num_drafted - unrun + torch.arange(unrun, device=self.rows.device))
             unrun_tokens = self.tokens[self.rows[:, None], positions]  # (num_active, unrun)
-            hidden = torch.cat([hidden, self.run_layers(self.model.model.embed_tokens(unrun_tokens), 0, self.exit_layer)], 1)
+            # A lookup round's pass varies in length: eager, not one compiled graph per length.
+            unrun_states = self.run_layers(self.model.model.embed_tokens(unrun_tokens), 0, self.exit_layer, unrun == 1)
+            hidden = torch.cat([hidden, unrun_states], 1)
         self.exit_query_cache = None
-        return self.run_layers(hidden, self.exit_layer, len(self.model.model.layers))
+        # Compiled: padded to `d + 1` positions, one shape for every round (the padding's outputs are dropped, and its
+        # cache entries lie beyond the slots kept).
+        fixed_shape = self.verify_width is not None and self.round_width == self.verify_width
+        if fixed_shape:
+            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, self.verify_width - hidden.shape[1]))
+        final = self.run_layers(hidden, self.exit_layer, len(self.model.model.layers), fixed_shape)
+        return final[:, : num_drafted + 1]
 
     def take_hidden_states(self, num_kept: int) -> list[tuple[torch.Tensor, ...]]:
         """Plain decoding's `hidden_states` for the one row's `num_kept` new tokens of this round, and forgets every
@@ -523,7 +774,7 @@ class SelfSpeculativeDecoder:
         then each layer's output, the last one normed (`None` where `output_hidden_states` does not select it). The
         call's first token also covers the prompt positions run here (n > 1), as plain decoding's first step does.
         """
-        length = int(self.lengths[0])
+        length = self.host_lengths[0]
         start, end = self.recorded_from, length + num_kept - 1
         layers = [torch.cat(pieces, dim=1)[:, : end - start] for pieces in self.layer_outputs]
         layers[-1] = self.model.model.norm(layers[-1])
@@ -539,34 +790,40 @@ class SelfSpeculativeDecoder:
             for a, b in zip(bounds, bounds[1:])
         ]
 
-    def advance(self, num_kept: torch.LongTensor, finished: torch.BoolTensor) -> None:
-        """Each active row keeps `num_kept` `(num_active,)` new tokens (already in `tokens`); `finished` rows leave.
+    def advance(self, num_kept: list[int], finished: list[bool]) -> None:
+        """Each active row keeps `num_kept` (one per active row) new tokens (already in `tokens`); `finished` rows
+        leave. Host values: nothing here synchronises.
 
         A row's pending token and its first `num_kept - 1` new tokens stay in the cache; the cache keeps the most any
         remaining row keeps, and the rest of a row's round slots become holes.
         """
         start = self.filled
-        self.lengths = self.lengths + num_kept
-        self.next_positions = self.next_positions + num_kept
+        kept = torch.tensor(num_kept, device=self.lengths.device)
+        self.lengths = self.lengths + kept
+        self.next_positions = self.next_positions + kept
         self.sequence_lengths[self.rows] = self.lengths
-        if bool(finished.all()):
-            crop_cache(self.cache, start + int(num_kept.max()))  # one row: its cache holds all its tokens but the last
-            self.rows = self.rows[:0]
-            return
-        if bool(finished.any()):
-            self._keep_rows((~finished).nonzero().squeeze(1))
-            num_kept = num_kept[~finished]
-        width = int(num_kept.max())
-        crop_cache(self.cache, start + width)
+        self.host_lengths = [length + count for length, count in zip(self.host_lengths, num_kept)]
         if self.slot_mask is not None:
-            self.slot_mask[:, start : start + width] = torch.arange(width, device=num_kept.device) < num_kept[:, None]
+            self.valid_slots = [valid + count for valid, count in zip(self.valid_slots, num_kept)]
+        if all(finished):
+            self.slots.truncate(start + max(num_kept))  # one row: its cache holds all its tokens but the last
+            self.rows, self.host_rows, self.host_lengths = self.rows[:0], [], []
+            return
+        if any(finished):
+            remaining = [i for i, done in enumerate(finished) if not done]
+            self._keep_rows(remaining)
+            num_kept, kept = [num_kept[i] for i in remaining], kept[remaining]
+        width = max(num_kept)
+        self.slots.truncate(start + width)
+        if self.slot_mask is not None:
+            self.slot_mask[:, start : start + width] = torch.arange(width, device=kept.device) < kept[:, None]
         self.filled = start + width
         if self.batch_size > 1:
             self._compact_if_sparse()
 
     def rewind(self) -> None:
         """Forgets the current round: every cache layer holds the `filled` slots again."""
-        crop_cache(self.cache, self.filled)
+        self.slots.truncate(self.filled)
         self.exit_query_cache = None
 
     def _reserve(self, num_slots: int) -> None:
@@ -579,33 +836,37 @@ class SelfSpeculativeDecoder:
         if self.slot_mask is not None:
             self.slot_mask = torch.cat([self.slot_mask, self.slot_mask.new_zeros((self.num_active, extra))], 1)
 
-    def _keep_rows(self, keep: torch.LongTensor) -> None:
-        """Only the active rows `keep` `(num_kept,)` go on: every per-row tensor and the cache are narrowed to them."""
-        for layer in self.cache.layers:
-            layer.batch_select_indices(keep)
+    def _keep_rows(self, remaining: list[int]) -> None:
+        """Only the active rows `remaining` go on: every per-row tensor and the cache are narrowed to them."""
+        self.host_rows = [self.host_rows[i] for i in remaining]
+        self.host_lengths = [self.host_lengths[i] for i in remaining]
+        if self.slot_mask is not None:
+            self.valid_slots = [self.valid_slots[i] for i in remaining]
+        keep = torch.tensor(remaining, device=self.rows.device)
+        self.slots.select_rows(keep)
         self.rows, self.lengths, self.next_positions = self.rows[keep], self.lengths[keep], self.next_positions[keep]
         self.slot_positions = self.slot_positions[keep]
         if self.slot_mask is not None:
             self.slot_mask = self.slot_mask[keep]
 
     def _compact_if_sparse(self) -> None:
-        """Drops the slots that are holes (or padding) in every row once they are a large part of the cache: each
-        row's valid slots move, in order, to the right end of a narrower cache (left padding, as a padded prompt has)."""
+        """Compacts once the slots that are holes (or padding) in every row are a large part of the cache."""
+        width = max(self.valid_slots)
+        if self.filled - width >= max(_MIN_SLOTS_TO_COMPACT, _COMPACT_AT_HOLE_FRACTION * self.filled):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drops the slots that are holes (or padding) in every row: each row's valid slots move, in order, to the
+        right end of a narrower cache (left padding, as a padded prompt has)."""
         valid = self.slot_mask[:, : self.filled]  # (num_active, filled)
-        counts = valid.sum(dim=-1)
-        width = int(counts.max())
-        if self.filled - width < max(_MIN_SLOTS_TO_COMPACT, _COMPACT_AT_HOLE_FRACTION * self.filled):
-            return
-        offsets = width - counts  # (num_active,): padding slots before each row's valid ones
-        row_index, slot_index = valid.nonzero(as_tuple=True)
-        destination = (valid.long().cumsum(dim=-1) - 1 + offsets[:, None])[row_index, slot_index]
-        source = torch.zeros((self.num_active, width), dtype=torch.long, device=valid.device)
-        source[row_index, destination] = slot_index
-        for layer in self.cache.layers:
-            for name in ("keys", "values"):
-                states = getattr(layer, name)  # (num_active, num_heads, filled, head_dim)
-                index = source[:, None, :, None].expand(-1, states.shape[1], -1, states.shape[3])
-                setattr(layer, name, states.gather(2, index))
+        width = max(self.valid_slots)
+        offsets = width - torch.tensor(self.valid_slots, device=valid.device)  # (num_active,): padding slots first
+        # Each row's valid slots, in order, then the rest (a stable sort): the `r`-th valid slot goes to slot
+        # `offset + r`. The padding slots before take any entry; the mask hides them. Nothing synchronises.
+        valid_first = torch.sort((~valid).int(), dim=-1, stable=True).indices
+        ranks = (torch.arange(width, device=valid.device) - offsets[:, None]).clamp(min=0)  # (num_active, width)
+        source = valid_first.gather(1, ranks)
+        self.slots.move_slots(source)
         capacity = self.slot_mask.shape[1]
         positions = self.slot_positions.gather(1, source)
         self.slot_positions = torch.cat([positions, positions.new_zeros((self.num_active, capacity - width))], 1)
@@ -614,15 +875,17 @@ class SelfSpeculativeDecoder:
         self.filled = width
 
 
-def accept_greedy(draft_tokens: torch.LongTensor, target_scores: torch.Tensor) -> tuple[int, torch.LongTensor]:
-    """Longest prefix of `draft_tokens` `(k,)` the full model's argmax agrees with, plus its next token.
+def accept_greedy_rows(
+    draft_tokens: torch.LongTensor, target_scores: torch.Tensor
+) -> tuple[torch.LongTensor, torch.LongTensor]:
+    """Per row, the longest prefix of `draft_tokens` `(rows, k)` the full model's argmax agrees with, on the device.
 
-    `target_scores` `(k + 1, vocab_size)`. Returns the number accepted and the new tokens `(accepted + 1,)`.
+    `target_scores` `(rows, k + 1, vocab_size)`. Returns the numbers accepted `(rows,)` and the full model's tokens
+    `(rows, k + 1)`, whose first `accepted + 1` are each row's new tokens.
     """
-    target_tokens = target_scores.argmax(dim=-1)  # (k + 1,)
-    mismatches = (draft_tokens != target_tokens[:-1]).nonzero()
-    num_accepted = int(mismatches[0]) if len(mismatches) else len(draft_tokens)
-    return num_accepted, target_tokens[: num_accepted + 1]
+    target_tokens = target_scores.argmax(dim=-1)  # (rows, k + 1)
+    agreeing = (draft_tokens == target_tokens[:, :-1]).long()
+    return agreeing.cumprod(dim=-1).sum(dim=-1), target_tokens
 
 
 def residual_distribution(target_probs: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:
@@ -630,7 +893,8 @@ def residual_distribution(target_probs: torch.Tensor, draft_probs: torch.Tensor)
     residual = (target_probs - draft_probs).clamp(min=0)
     total = residual.sum()
     # A rejection needs p < q at the draft token, hence p > q elsewhere; only rounding can leave nothing here.
-    return residual / total if total > 0 else target_probs
+    # Chosen on the device: no synchronisation.
+    return torch.where(total > 0, residual / total.clamp(min=torch.finfo(total.dtype).tiny), target_probs)
 
 
 def accept_speculative_sampling(
@@ -653,8 +917,7 @@ def accept_speculative_sampling(
     p = target_probs[steps, draft_tokens]  # (k,)
     # u < p/q, written without the division.
     kept = torch.rand(num_drafted, device=q.device) * q < p
-    rejections = (~kept).nonzero()
-    num_accepted = int(rejections[0]) if len(rejections) else num_drafted
+    num_accepted = int(kept.long().cumprod(dim=0).sum())  # the row's one synchronisation
     if num_accepted < num_drafted:
         next_probs = residual_distribution(target_probs[num_accepted], draft_probs[num_accepted])
     else:
@@ -663,14 +926,84 @@ def accept_speculative_sampling(
     return num_accepted, torch.cat([draft_tokens[:num_accepted], next_token])
 
 
-def accept(draft_tokens, draft_scores, target_scores, do_sample: bool) -> tuple[int, torch.LongTensor]:
-    """One row's acceptance rule: `draft_tokens` `(k,)`, processed `draft_scores` `(k, vocab_size)` (`None` when
+def accept_sampled(draft_tokens, draft_scores, target_scores) -> tuple[int, torch.LongTensor]:
+    """One row's speculative sampling: `draft_tokens` `(k,)`, processed `draft_scores` `(k, vocab_size)` (`None` when
     `k == 0`) and `target_scores` `(k + 1, vocab_size)` of the full model. Returns the number of drafts accepted and
     the new tokens `(accepted + 1,)`."""
-    if not do_sample:
-        return accept_greedy(draft_tokens, target_scores)
     draft_probs = draft_scores.softmax(dim=-1) if draft_scores is not None else target_scores[:0]
     return accept_speculative_sampling(draft_tokens, draft_probs, target_scores.softmax(dim=-1))
+
+
+# Stopping criteria that are pure functions of the tokens (and the clock): they can be called on a round's candidate
+# tokens beyond where a row stops, so all of a round's calls are made before one synchronisation reads them. Others
+# (a user's, which may keep state) are called token by token, exactly as plain decoding calls them.
+_PURE_STOPPING_CRITERIA = (MaxLengthCriteria, MaxTimeCriteria, EosTokenCriteria, StopStringCriteria)
+
+
+def accept_round(decoder, num_drafted, draft_scores, processed, do_sample, stopping_criteria, scores):
+    """Acceptance and stopping of one round, for the active rows: writes each row's new tokens into
+    `decoder.tokens` after its pending token, and returns, on the host, per row, the number of drafts accepted and
+    the 1-based index of the first new token a stopping criterion fires on (a larger number where none does).
+
+    `processed` holds each row's processed scores `(num_drafted + 1, vocab_size)`; `scores` the call's recorded scores
+    so far, or `None`. Greedy acceptance writes the full model's `num_drafted + 1` tokens (the accepted drafts equal
+    them), so that, with pure stopping criteria, nothing reaches the host before the round's one synchronisation.
+    """
+    tokens, rows, lengths = decoder.tokens, decoder.rows, decoder.lengths
+    steps = torch.arange(num_drafted + 1, device=tokens.device)
+    if do_sample:  # one synchronisation per row: the draw decides how many tokens the row gets
+        num_accepted, num_candidates = [], []
+        for i, (row, length) in enumerate(zip(decoder.host_rows, decoder.host_lengths)):
+            accepted, new_tokens = accept_sampled(
+                tokens[row, length : length + num_drafted], None if draft_scores is None else draft_scores[i], processed[i]
+            )
+            tokens[row, length : length + len(new_tokens)] = new_tokens
+            num_accepted.append(accepted)
+            num_candidates.append(len(new_tokens))
+        device_accepted = None
+    else:
+        draft_tokens = tokens[rows[:, None], lengths[:, None] + steps[:-1]]  # (num_active, num_drafted)
+        device_accepted, target_tokens = accept_greedy_rows(draft_tokens, torch.stack(processed))
+        tokens[rows[:, None], lengths[:, None] + steps] = target_tokens
+        num_candidates = [num_drafted + 1] * len(decoder.host_rows)
+    if not all(isinstance(criterion, _PURE_STOPPING_CRITERIA) for criterion in stopping_criteria):
+        num_accepted = device_accepted.tolist() if device_accepted is not None else num_accepted
+        return num_accepted, [
+            _first_stop(stopping_criteria, tokens[row : row + 1], length, processed[i], num_accepted[i] + 1, scores)
+            for i, (row, length) in enumerate(zip(decoder.host_rows, decoder.host_lengths))
+        ]
+    fired = [
+        torch.stack(
+            [
+                stopping_criteria(tokens[row : row + 1, : length + j], _scores_so_far(scores, processed[i], j))[0]
+                for j in range(1, candidates + 1)
+            ]
+        )
+        for i, (row, length, candidates) in enumerate(zip(decoder.host_rows, decoder.host_lengths, num_candidates))
+    ]
+    width = num_drafted + 1
+    fired = torch.stack([torch.nn.functional.pad(row_fired, (0, width - len(row_fired))) for row_fired in fired])
+    # The first firing token per row, 1-based; `width + 1` where none fires.
+    first_stop = torch.where(fired.any(dim=-1), fired.int().argmax(dim=-1) + 1, width + 1)
+    if device_accepted is None:
+        return num_accepted, first_stop.tolist()
+    host = torch.stack([device_accepted, first_stop]).tolist()  # the round's one synchronisation
+    return host[0], host[1]
+
+
+def _scores_so_far(scores, processed, count: int):
+    """What plain decoding passes a stopping criterion at the `count`-th new token of a round: every new token's
+    processed scores so far, or `None` without `output_scores`."""
+    return None if scores is None else (*scores, *processed[:count].split(1))
+
+
+def _first_stop(stopping_criteria, row_tokens, length: int, processed, num_new: int, scores) -> int:
+    """Calls the criteria token by token on one row's `num_new` new tokens, as plain decoding does, and stops at the
+    first that fires (one synchronisation per token); returns its 1-based index, or `num_new + 1`."""
+    for count in range(1, num_new + 1):
+        if stopping_criteria(row_tokens[:, : length + count], _scores_so_far(scores, processed, count)).any():
+            return count
+    return num_new + 1
 
 
 def self_speculative_decoding(
@@ -698,11 +1031,16 @@ def self_speculative_decoding(
     if model_kwargs.get("exit_layer") is not None:
         raise ValueError("Pass either `exit_layer`/`early_exit` (lossy) or `assistant_early_exit` (lossless), not both.")
     cache = model_kwargs.get("cache")
-    if type(cache) is not DynamicCache:
-        raise ValueError(
-            "Self-speculative decoding needs a `DynamicCache` (use_cache=True and the default cache), got "
-            f"{type(cache).__name__}."
-        )
+    cache_slots(cache, model.config.num_hidden_layers, input_ids.shape[0])  # raises for a cache it cannot draft into
+    compile_config = step_compile_config(model, generation_config, model_kwargs)
+    padded_length = generation_config.max_length - 1 + generation_config.num_assistant_tokens
+    generates_own_cache = not getattr(cache, "_is_user_defined", False)
+    if compile_config is not None and generates_own_cache and cache.layers[0].max_cache_len < padded_length:
+        # A static cache of `generate`'s own, sized for plain decoding: size it for padded verification too. It is
+        # allocated on its first write, so nothing is wasted; later calls' caches get this size too, as `generate`
+        # keeps it, so that shorter calls reuse the compiled steps.
+        cache = StaticCache(config=model.config.get_text_config(decoder=True), max_cache_len=padded_length)
+        model._previous_max_cache_length = padded_length
     batch_size, prompt_length = input_ids.shape
     attention_mask = model_kwargs.get("attention_mask")
     validate_batch_request(batch_size, generation_config, logits_processor, stopping_criteria, streamer, attention_mask)
@@ -712,7 +1050,9 @@ def self_speculative_decoding(
     scores, raw_logits = ([] if output_scores else None), ([] if output_logits else None)
     counts = RowCounts(batch_size)
 
-    decoder = SelfSpeculativeDecoder(model, generation_config, logits_processor, input_ids, cache, attention_mask)
+    decoder = SelfSpeculativeDecoder(
+        model, generation_config, logits_processor, input_ids, cache, attention_mask, compile_config
+    )
     tokens = decoder.tokens
     hidden_states = [] if decoder.layer_outputs is not None else None
     decoder.prefill()
@@ -722,33 +1062,29 @@ def self_speculative_decoding(
         final_hidden = decoder.verify(num_drafted)  # (num_active, num_drafted + 1, hidden_size)
         # One head call for every row and position: reading the head's weights dominates, not the number of rows.
         raw = model.exit_logits(final_hidden).float()
-        rows, lengths = decoder.rows.tolist(), decoder.lengths.tolist()
+        rows, lengths = decoder.host_rows, decoder.host_lengths
         looked_up = num_drafted > 0 and draft_steps == 0
         counts.add_round(rows, num_drafted, draft_steps, looked_up)
-        accepted_before = int(counts.accepted_tokens.sum()) if decoder.exit_chooser is not None else 0
-        num_kept, finished = torch.zeros_like(decoder.lengths), torch.zeros_like(decoder.rows, dtype=torch.bool)
+        processed = [
+            process_scores(decoder.row_processors[row], tokens[row : row + 1], length, raw[i])
+            for i, (row, length) in enumerate(zip(rows, lengths))
+        ]
+        # Each row's candidate new tokens are written into `tokens`; how many it accepts and where it stops reach the
+        # host together, in one synchronisation where the rule and the stopping criteria allow (see `accept_round`).
+        num_accepted, stops = accept_round(
+            decoder, num_drafted, draft_scores, processed, do_sample, stopping_criteria, scores
+        )
+        num_kept, finished = [], []
         for i, (row, length) in enumerate(zip(rows, lengths)):
             row_tokens = tokens[row : row + 1]
-            processed = process_scores(decoder.row_processors[row], row_tokens, length, raw[i])
-            num_accepted, new_tokens = accept(
-                row_tokens[0, length : length + num_drafted],
-                None if draft_scores is None else draft_scores[i],
-                processed,
-                do_sample,
-            )
-            counts.accepted_tokens[row] += num_accepted
-            row_tokens[0, length : length + len(new_tokens)] = new_tokens
-            # Stop exactly where plain decoding would: after the first token any stopping criterion fires on. As in
-            # plain decoding, a criterion sees the tokens so far and the processed scores of every new token (`None`
-            # unless `output_scores`).
-            for kept in range(1, len(new_tokens) + 1):
-                if scores is not None:
-                    scores.append(processed[kept - 1 : kept])
-                if stopping_criteria(row_tokens[:, : length + kept], None if scores is None else tuple(scores)).any():
-                    finished[i] = True
-                    break
-            num_kept[i] = kept
-            counts.from_draft[row].extend(position < num_accepted for position in range(kept))
+            counts.accepted_tokens[row] += num_accepted[i]
+            # Stop exactly where plain decoding would: after the first token any stopping criterion fires on.
+            kept = min(num_accepted[i] + 1, stops[i])
+            num_kept.append(kept)
+            finished.append(stops[i] <= num_accepted[i] + 1)
+            if scores is not None:
+                scores.extend(processed[i][j : j + 1] for j in range(kept))
+            counts.from_draft[row].extend(position < num_accepted[i] for position in range(kept))
             # What follows exists for one row only (`validate_batch_request`).
             if streamer is not None:
                 streamer.put(row_tokens[:, length : length + kept].cpu())
@@ -757,8 +1093,7 @@ def self_speculative_decoding(
             if hidden_states is not None:
                 hidden_states.extend(decoder.take_hidden_states(kept))
         if decoder.exit_chooser is not None and not looked_up:
-            accepted = int(counts.accepted_tokens.sum()) - accepted_before
-            decoder.exit_chooser.record(decoder.exit_layer, len(rows), num_drafted * len(rows), accepted)
+            decoder.exit_chooser.record(decoder.exit_layer, len(rows), num_drafted * len(rows), sum(num_accepted))
         decoder.advance(num_kept, finished)
 
     if streamer is not None:

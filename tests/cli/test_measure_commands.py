@@ -232,13 +232,16 @@ def test_correctness_passes_and_catches_a_broken_decoder(files, tmp_path, monkey
     assert len(checks) == 6 and all(c["mismatch_position"] is None for c in checks)
     assert "0 mismatches in 6 checks" in capsys.readouterr().out
 
-    accept = self_speculative.accept_greedy
+    accept = self_speculative.accept_greedy_rows
 
     def broken(draft_tokens, target_scores):
+        # Every row's full-model token after its accepted drafts comes out wrong.
         num_accepted, tokens = accept(draft_tokens, target_scores)
-        return num_accepted, torch.cat([tokens[:-1], (tokens[-1:] + 1) % 128])
+        tokens, rows = tokens.clone(), torch.arange(len(tokens))
+        tokens[rows, num_accepted] = (tokens[rows, num_accepted] + 1) % 128
+        return num_accepted, tokens
 
-    monkeypatch.setattr(self_speculative, "accept_greedy", broken)
+    monkeypatch.setattr(self_speculative, "accept_greedy_rows", broken)
     assert run_command("correctness", *argv) == 1
     checks = json.loads((tmp_path / "checks.json").read_text())["checks"]
     assert all(c["mismatch_position"] is not None and c["is_tie"] is False for c in checks)

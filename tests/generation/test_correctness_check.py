@@ -11,16 +11,16 @@ PAIRS = [(2, 1), (3, 4)]
 
 
 def break_the_last_accepted_token(monkeypatch, vocab_size):
-    """Makes greedy acceptance emit a wrong full-model token after the accepted drafts."""
-    accept = self_speculative.accept_greedy
+    """Makes greedy acceptance emit a wrong full-model token after each row's accepted drafts."""
+    accept = self_speculative.accept_greedy_rows
 
     def broken(draft_tokens, target_scores):
         num_accepted, tokens = accept(draft_tokens, target_scores)
-        tokens = tokens.clone()
-        tokens[-1] = (tokens[-1] + 1) % vocab_size
+        tokens, rows = tokens.clone(), torch.arange(len(tokens))
+        tokens[rows, num_accepted] = (tokens[rows, num_accepted] + 1) % vocab_size
         return num_accepted, tokens
 
-    monkeypatch.setattr(self_speculative, "accept_greedy", broken)
+    monkeypatch.setattr(self_speculative, "accept_greedy_rows", broken)
 
 
 def test_real_decoder_passes(model):

@@ -72,6 +72,21 @@ def test_cached_decoding_equals_llama(model):
 # Early exit.
 
 
+def test_one_token_on_a_static_cache_without_a_mask_equals_llama(model):
+    """A static layer holds all its `max_cache_len` slots, the unwritten ones too: one query token needs a mask."""
+    from transformers import StaticCache
+
+    llama = plain_llama(model)
+    input_ids = torch.randint(0, 128, (1, 9), generator=torch.Generator().manual_seed(3))
+    logits = {}
+    for name, decoder in (("ours", model), ("llama", llama)):
+        cache = StaticCache(config=model.config, max_cache_len=32)
+        decoder(input_ids[:, :-1], cache=cache, use_cache=True)
+        logits[name] = decoder(input_ids[:, -1:], cache=cache, use_cache=True).logits
+    assert_close(logits["ours"], logits["llama"])
+    assert_close(logits["ours"][:, -1], llama(input_ids).logits[:, -1], atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("exit_layer", range(1, NUM_LAYERS + 1))
 def test_early_exit_logits_are_norm_and_head_on_that_layers_output(model, exit_layer):
     input_ids = torch.randint(0, 128, (2, 8))

@@ -13,7 +13,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast, TextIterator
 
 from hf_layerskip.generation import plain_llama_view
 from hf_layerskip.modeling import self_speculative
-from hf_layerskip.modeling.self_speculative import accept_greedy, accept_speculative_sampling
+from hf_layerskip.modeling.self_speculative import accept_greedy_rows, accept_speculative_sampling
 
 NUM_LAYERS = 6  # of the `model` fixture
 
@@ -624,12 +624,13 @@ def test_a_cache_with_uneven_layers_is_rejected(model):
 def test_accept_greedy_counts_the_agreeing_prefix():
     scores = torch.full((4, 10), -1.0)
     scores[torch.arange(4), torch.tensor([3, 5, 7, 2])] = 1.0  # the full model's tokens: 3 5 7 2
-    assert [t.tolist() for t in accept_greedy(torch.tensor([3, 5, 7]), scores)[1:]] == [[3, 5, 7, 2]]
-    assert accept_greedy(torch.tensor([3, 5, 7]), scores)[0] == 3
-    num_accepted, tokens = accept_greedy(torch.tensor([3, 6, 7]), scores)
-    assert (num_accepted, tokens.tolist()) == (1, [3, 5])
-    num_accepted, tokens = accept_greedy(torch.tensor([], dtype=torch.long), scores[:1])
-    assert (num_accepted, tokens.tolist()) == (0, [3])
+    # Three rows judged at once: all drafts agree, the second disagrees, the first disagrees.
+    drafts = torch.tensor([[3, 5, 7], [3, 6, 7], [4, 5, 7]])
+    num_accepted, tokens = accept_greedy_rows(drafts, scores.expand(3, -1, -1))
+    assert num_accepted.tolist() == [3, 1, 0]
+    assert tokens.tolist() == [[3, 5, 7, 2]] * 3
+    num_accepted, tokens = accept_greedy_rows(torch.zeros((1, 0), dtype=torch.long), scores[None, :1])
+    assert (num_accepted.tolist(), tokens.tolist()) == ([0], [[3]])
 
 
 def test_speculative_sampling_rule_reproduces_target_distribution():
@@ -675,7 +676,7 @@ def test_bad_confidence_threshold(model):
         (dict(num_beams=2, do_sample=True), "num_beams=2"),
         (dict(output_attentions=True, return_dict_in_generate=True), "output_attentions"),
         (dict(num_assistant_tokens_schedule="heuristic"), "num_assistant_tokens_schedule='heuristic'"),
-        (dict(cache_implementation="static"), "cache_implementation='static'"),
+        (dict(cache_implementation="offloaded"), r"cache_implementation='offloaded'.*None, 'dynamic', 'static'"),
         (dict(use_cache=False), "use_cache=False"),
         (dict(num_return_sequences=2, do_sample=True), "num_return_sequences"),
         (dict(exit_layer=3), "exit_layer"),
@@ -689,11 +690,21 @@ def test_unsupported_settings_raise(model, settings, message):
         model.generate(prompt(5), max_new_tokens=3, assistant_early_exit=2, **settings)
 
 
-def test_a_static_cache_object_raises(model):
+def test_another_cache_object_raises(model):
+    from transformers import DynamicCache
+
+    class OtherCache(DynamicCache):
+        pass
+
+    with pytest.raises(ValueError, match="DynamicCache.*StaticCache.*OtherCache"):
+        model.generate(prompt(5), max_new_tokens=3, assistant_early_exit=2, cache=OtherCache(config=model.config))
+
+
+def test_a_static_cache_too_short_raises(model):
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=16)
-    with pytest.raises(ValueError, match="DynamicCache.*StaticCache"):
+    cache = StaticCache(config=model.config, max_cache_len=6)
+    with pytest.raises(ValueError, match="static cache holds 6 positions.*max_length=8.*7"):
         model.generate(prompt(5), max_new_tokens=3, assistant_early_exit=2, cache=cache)
 
 

@@ -78,13 +78,17 @@ def batch_problems(draw):
     )
 
 
-NUM_EXAMPLES = 60
+# Examples per cache kind: the static cache's run is a short second look (its layers and masks have the full length;
+# the rest of the decoder is shared).
+NUM_EXAMPLES = {None: 60, "static": 15}
 
 
-def test_batched_greedy_equals_plain_batched_greedy_property():
+@pytest.mark.parametrize("cache_implementation", NUM_EXAMPLES)
+def test_batched_greedy_equals_plain_batched_greedy_property(cache_implementation):
     cases, ties, lookup_rounds = [], [], []
+    num_examples = NUM_EXAMPLES[cache_implementation]
 
-    @settings(max_examples=NUM_EXAMPLES, deadline=None, derandomize=True)
+    @settings(max_examples=num_examples, deadline=None, derandomize=True)
     @given(batch_problems())
     def check(problem):
         model = agreeing_model(problem["seed"], scale=problem["deep_scale"])
@@ -102,6 +106,7 @@ def test_batched_greedy_equals_plain_batched_greedy_property():
                 assistant_early_exit=exit_layer,
                 num_assistant_tokens=num_speculations,
                 prompt_lookup_num_tokens=problem["lookup_tokens"],
+                cache_implementation=cache_implementation,
                 **common,
             )
             lookup_rounds.append(model.speculation_stats.lookup_rounds)
@@ -111,10 +116,12 @@ def test_batched_greedy_equals_plain_batched_greedy_property():
 
     check()
     print(f"{len(cases)} cases ({sum(lookup_rounds)} lookup rounds), {len(ties)} numerical ties excused: {ties}")
-    assert len(cases) == NUM_EXAMPLES * (NUM_LAYERS - 1)
+    assert len(cases) == num_examples * (NUM_LAYERS - 1)
     assert sum(lookup_rounds) >= len(cases), sum(lookup_rounds)  # lookup drafting ran, not only switched on
     batch_sizes = {batch_size for batch_size, _, _ in cases}
-    assert {1, 6} <= batch_sizes and len(batch_sizes) >= 5, batch_sizes
+    assert len(batch_sizes) >= 3, batch_sizes
+    if cache_implementation is None:
+        assert {1, 6} <= batch_sizes and len(batch_sizes) >= 5, batch_sizes
 
 
 @pytest.mark.parametrize("exit_layer, num_speculations", [(1, 3), (3, 6)])

@@ -99,8 +99,10 @@ def test_the_draft_is_far_from_the_full_model(model):
     assert float((draft - target).abs().sum() / 2) > 0.3
 
 
-def test_first_two_tokens_follow_the_full_model(model):
-    p_value = chi_square_p_value(sample_first_two(model, NUM_SAMPLES), exact_joint(model))
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_first_two_tokens_follow_the_full_model(model, cache_implementation):
+    samples = sample_first_two(model, NUM_SAMPLES, cache_implementation=cache_implementation)
+    p_value = chi_square_p_value(samples, exact_joint(model))
     assert p_value > 1e-3, p_value
 
 
@@ -128,7 +130,8 @@ def test_lookup_drafts_keep_sampling_exact(model):
     assert p_value > 1e-3, p_value
 
 
-def test_each_row_of_a_batch_follows_the_full_model(model):
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_each_row_of_a_batch_follows_the_full_model(model, cache_implementation):
     """Rows of a batch accept different numbers of drafts per round; each row's first two tokens still follow the
     full model's distribution after its own prompt. The second row's shorter prompt is left-padded."""
     short = torch.tensor([[5, 3]])
@@ -144,6 +147,7 @@ def test_each_row_of_a_batch_follows_the_full_model(model):
             assistant_early_exit=1,
             num_assistant_tokens=2,
             pad_token_id=0,
+            cache_implementation=cache_implementation,
             **SAMPLING,
         )
         for row in range(2):
