@@ -118,3 +118,23 @@ def test_a_passed_static_cache_without_room_for_padding(agreeing):
     )
     compare_rows_with_plain(plain, ours, input_ids.shape[1])
     assert graphs() == 2
+
+
+@pytest.mark.parametrize("lookup_tokens", [2, 6])
+def test_lookup_rounds_with_compiled_steps(agreeing, lookup_tokens):
+    """Lookup rounds verify with the compiled step (at most d + 1 positions: longer lookups are cut to d) and run
+    layers 0..E-1 on their drafts eagerly; greedy output stays plain greedy's."""
+    input_ids = prompt(6, seed=3).repeat(1, 3)
+    plain = plain_greedy(agreeing, input_ids, max_new_tokens=30)
+    ours = agreeing.generate(
+        input_ids,
+        do_sample=False,
+        max_new_tokens=30,
+        assistant_early_exit=2,
+        num_assistant_tokens=3,
+        prompt_lookup_num_tokens=lookup_tokens,
+        cache_implementation="static",
+        compile_config=compile_everywhere("aot_eager"),
+    )
+    assert agreeing.speculation_stats.lookup_rounds > 0
+    assert not compare_rows_with_plain(plain, ours, input_ids.shape[1])
