@@ -38,6 +38,7 @@ It needs `parameterized` (which transformers' tests import) besides the `[test]`
 """
 
 import argparse
+import re
 import shutil
 import xml.etree.ElementTree as ElementTree
 import subprocess
@@ -284,7 +285,7 @@ def prepare_family_tests(root: Path, family_tests: Path, families: list[str], va
 
 
 def counts(junit: Path) -> tuple[dict, list[str]]:
-    """passed/failed/skipped (errors count as failed) and the failed test ids of a junit file."""
+    """passed/failed/skipped by junit test case (errors count as failed) and the failed tests of a junit file."""
     result, failed = {"passed": 0, "failed": 0, "skipped": 0}, []
     if not junit.exists():
         return result, failed
@@ -357,12 +358,21 @@ def main() -> int:
             relative = module.relative_to(root)
             command = [sys.executable, "-m", "pytest", str(relative), "-p", "no:cacheprovider", f"--junitxml={junit}"]
             try:
-                code = subprocess.run([*command, *args.pytest_args], cwd=root, timeout=args.timeout).returncode
-                note = ""
-            except subprocess.TimeoutExpired:
-                code, note = 1, f"timed out after {args.timeout} s"
+                run = subprocess.run(
+                    [*command, *args.pytest_args], cwd=root, timeout=args.timeout, capture_output=True, text=True
+                )
+                sys.stdout.write(run.stdout + run.stderr)
+                code, note, output = run.returncode, "", run.stdout
+            except subprocess.TimeoutExpired as expired:
+                code, note, output = 1, f"timed out after {args.timeout} s", ""
+                sys.stdout.write(str(expired.stdout or ""))
             status = status or code
-            result, failed = counts(junit)
+            _, failed = counts(junit)
+            # pytest's own summary line (the junit file also lists subtests, and not all tests once each).
+            summary = output.strip().splitlines()[-1] if output.strip() else ""
+            result = {key: 0 for key in ("passed", "failed", "skipped")}
+            for number, outcome in re.findall(r"(\d+) (passed|failed|skipped|errors?)\b", summary):
+                result["failed" if outcome.startswith("error") else outcome] += int(number)
             rows.append((module.stem.removeprefix("test_upstream_"), result, note or ("" if junit.exists() else "no result"), failed))
         print("\nfamily_variant            passed  failed  skipped")
         for name, result, note, _ in rows:

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for conf
 from conftest import tiny_model  # noqa: E402
 from trainer_helpers import token_dataset, training_args  # noqa: E402
 
-import hf_layerskip.modeling.modeling_layerskip_llama as modeling  # noqa: E402
+import hf_layerskip.modeling.modeling_layerskip as modeling  # noqa: E402
 from hf_layerskip.trainer import (  # noqa: E402
     LayerSkipTrainer,
     load_sharded_checkpoint,
