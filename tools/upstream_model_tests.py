@@ -27,12 +27,15 @@ multimodal and the @slow integration ones, are not collected). `--stock` runs th
 on the stock classes, for comparison. One pytest per family and variant, each under `--timeout` seconds; a table of
 passed/failed/skipped per family comes at the end, with the failed tests.
 
-    python tools/upstream_model_tests.py --sdist transformers-X.tar.gz --family-tests DIR [--stock] [--timeout 300] \
+    python tools/upstream_model_tests.py --sdist transformers-X.tar.gz --family-tests DIR [--stock] [--timeout 300] \\
         [--families llama,qwen2,...] [-- PYTEST_ARGS]
 
 `test_pipeline_mixin.py` is replaced by a stub there (it imports transformers from a source checkout), so the
-pipeline tests do not run. Names a fetched file imports from `transformers.testing_utils` that the installed release no longer has
-(`require_torch_sdpa`, `require_read_token`) are supplied as no-op decorators.
+pipeline tests do not run. Names a fetched file imports from `transformers.testing_utils` that the installed
+release no longer has (`require_torch_sdpa`, `require_read_token`) are supplied as no-op decorators.
+On our classes layer dropout is off by default, as in the stock models' training (`UPSTREAM_LAYER_DROPOUT=1` keeps
+LayerSkip's default 0.1), and `test_can_init_all_missing_weights`, which the common tests skip for models whose config
+file has no copyright year from 2023 on, runs.
 
 It needs `parameterized` (which transformers' tests import) besides the `[test]` extra.
 """
@@ -40,12 +43,12 @@ It needs `parameterized` (which transformers' tests import) besides the `[test]`
 import argparse
 import re
 import shutil
-import xml.etree.ElementTree as ElementTree
 import subprocess
 import sys
 import tarfile
 import tempfile
 import textwrap
+import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
 import transformers
@@ -158,7 +161,10 @@ LAYERSKIP_TESTS = textwrap.dedent(
 # Imports a family test file again with our classes bound to the stock names (see the module docstring).
 FAMILY_LOADER = textwrap.dedent(
     '''
-    """Loads transformers' family test files for our classes or the stock ones (hf_layerskip's tools/upstream_model_tests.py)."""
+    """Loads transformers' family test files for our classes or the stock ones.
+
+    Written by hf_layerskip's tools/upstream_model_tests.py.
+    """
 
     import functools
     import importlib.util
@@ -174,7 +180,7 @@ FAMILY_LOADER = textwrap.dedent(
 
     from hf_layerskip import FAMILIES
 
-    # Decorators the fetched files import that the installed release dropped: no-ops (sdpa is always there in torch 2.x).
+    # Decorators the fetched files import that the installed release dropped: no-ops (torch 2.x always has sdpa).
     for _name in ("require_torch_sdpa", "require_read_token"):
         if not hasattr(testing_utils, _name):
             setattr(testing_utils, _name, lambda test: test)
@@ -229,7 +235,8 @@ FAMILY_LOADER = textwrap.dedent(
                 _no_layer_dropout(ours[0])
         here = os.path.dirname(os.path.abspath(__file__))
         path = os.path.join(here, "..", directory, f"test_modeling_{directory}.py")
-        spec = importlib.util.spec_from_file_location(f"tests.models.{directory}.test_modeling_{directory}_{variant}", path)
+        name = f"tests.models.{directory}.test_modeling_{directory}_{variant}"
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         # `from transformers import X` while the file runs finds this module: the real one, with our names bound.
         bound = _Bound(transformers, dict(zip(names, classes)))
@@ -240,7 +247,9 @@ FAMILY_LOADER = textwrap.dedent(
             sys.modules["transformers"] = transformers
         kept = {}
         for name, value in vars(module).items():
-            if not (isinstance(value, type) and issubclass(value, unittest.TestCase) and value.__module__ == module.__name__):
+            if not (isinstance(value, type) and issubclass(value, unittest.TestCase)):
+                continue
+            if value.__module__ != module.__name__:
                 continue
             model_classes = tuple(c for c in (getattr(value, "all_model_classes", None) or ()) if c in classes)
             if not model_classes:
@@ -251,7 +260,8 @@ FAMILY_LOADER = textwrap.dedent(
                 # source file and skips those before 2023; ours has no such line: run it, as for the stock classes.
                 value.test_can_init_all_missing_weights_before_2023 = True
             if isinstance(inspect.getattr_static(value, "all_generative_model_classes", None), (tuple, list)):
-                value.all_generative_model_classes = tuple(c for c in value.all_generative_model_classes if c in classes)
+                generative = value.all_generative_model_classes
+                value.all_generative_model_classes = tuple(c for c in generative if c in classes)
             if getattr(value, "pipeline_model_mapping", None):
                 value.pipeline_model_mapping = {
                     task: c for task, c in value.pipeline_model_mapping.items() if c in classes
@@ -373,7 +383,8 @@ def main() -> int:
             result = {key: 0 for key in ("passed", "failed", "skipped")}
             for number, outcome in re.findall(r"(\d+) (passed|failed|skipped|errors?)\b", summary):
                 result["failed" if outcome.startswith("error") else outcome] += int(number)
-            rows.append((module.stem.removeprefix("test_upstream_"), result, note or ("" if junit.exists() else "no result"), failed))
+            note = note or ("" if junit.exists() else "no result")
+            rows.append((module.stem.removeprefix("test_upstream_"), result, note, failed))
         print("\nfamily_variant            passed  failed  skipped")
         for name, result, note, _ in rows:
             print(f"{name:24s} {result['passed']:7d} {result['failed']:7d} {result['skipped']:8d}  {note}")
