@@ -20,7 +20,8 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicSlidingWindowLa
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
-from transformers.utils import auto_docstring, can_return_tuple
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, auto_docstring, can_return_tuple
 from transformers.utils.deprecation import deprecate_kwarg
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
@@ -260,7 +261,7 @@ class LayerSkipModelMixin:
         layer_dropout_rates: list[float] | None = None,
         layer_dropout_generator: torch.Generator | None = None,
         output_layer_hidden_states: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> LayerSkipModelOutput:
         r"""
         exit_layer (`int`, *optional*):
@@ -399,7 +400,7 @@ class LayerSkipForCausalLMMixin:
         layer_dropout_rates: list[float] | None = None,
         layer_dropout_generator: torch.Generator | None = None,
         output_layer_hidden_states: bool = False,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> LayerSkipCausalLMOutput:
         r"""
         Shapes: `input_ids` `(batch_size, sequence_length)`; `logits` `(batch_size, kept_length, vocab_size)`.
