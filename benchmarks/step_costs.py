@@ -41,7 +41,9 @@ def step_costs(model, context: torch.LongTensor, positions: list[int], exits: li
         forward[count] = 1000 * _median_seconds(step, repeats, context.device)
     draft = {}
     for exit_layer in exits:
-        config = GenerationConfig(assistant_early_exit=exit_layer, do_sample=False, max_length=length + 2)
+        config = GenerationConfig(
+            assistant_early_exit=exit_layer, num_assistant_tokens=1, do_sample=False, max_length=length + 2
+        )
         decoder = SelfSpeculativeDecoder(model, config, None, context, DynamicCache(config=model.config), None)
         decoder.prefill()
         decoder.open_slots(1)
