@@ -56,8 +56,9 @@ def agreements(model, texts: list[torch.LongTensor], ngram_size: int) -> dict[st
 
 
 @torch.inference_mode()
-def costs_ms(model, context: torch.LongTensor, ngram_size: int, repeats: int = 20) -> dict[str, float]:
-    """Median milliseconds of one lookup over `context` and of a full forward of its last token (for scale)."""
+def costs_ms(context: torch.LongTensor, ngram_size: int, repeats: int = 20) -> dict[str, float]:
+    """Median milliseconds of one lookup of up to 8 tokens over `context` `(1, length)` (the draft steps' costs are
+    `benchmarks/step_costs.py`'s)."""
     def median(step):
         timings = []
         for _ in range(repeats):
@@ -86,7 +87,7 @@ def main() -> None:
     examples = load_humaneval(range(options.first_problem, options.first_problem + options.num_problems))
     texts = [tokenizer(e.prompt + e.reference, return_tensors="pt")["input_ids"] for e in examples]
     table = agreements(model, texts, options.ngram_size)
-    cost = costs_ms(model, texts[0], options.ngram_size)
+    cost = costs_ms(texts[0], options.ngram_size)
     print(f"{sum(t.shape[1] for t in texts)} tokens of HumanEval {examples[0].id}..{examples[-1].id}; "
           f"one lookup over {texts[0].shape[1]} tokens: {cost['lookup']:.2f} ms")
     print("| draft form | agreement with the last layer | positions with a proposal |")
