@@ -69,6 +69,9 @@ def main(out_dir: Path):
         "batches": RecordingTrainer.batches,
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(report))
+    # Tear the group down before exit: gloo's threads left running at interpreter shutdown can abort the process.
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
