@@ -37,7 +37,7 @@ def agreements(model, texts: list[torch.LongTensor], ngram_size: int) -> dict[st
         target = output.logits[0].argmax(-1)  # (length,)
         length = len(target)
         total += length
-        lookups = [lookup_continuation(input_ids[0, : t + 1], ngram_size, 1) for t in range(length)]
+        lookups = [lookup_continuation(input_ids[0, : t + 1], ngram_size, 1)[1] for t in range(length)]
         has_lookup = torch.tensor([len(c) > 0 for c in lookups])
         lookup_tokens = torch.tensor([int(c[0]) if len(c) else -1 for c in lookups])
         forms = {"lookup": (lookup_tokens, has_lookup)}

@@ -68,7 +68,7 @@ class ThroughputSummary:
     speedup_vs_plain_batch_1: float | None
     acceptance_rate: float | None
     peak_memory_mib: float | None
-    # Rows whose new tokens differ from plain batched greedy decoding's at the same batch size (0 expected).
+    # Rows whose new tokens differ from plain batched greedy decoding's at the same batch size (0 expected in float32).
     mismatches: int
 
     def to_dict(self) -> dict:
@@ -180,6 +180,11 @@ class GroupDecoder:
         return run
 
 
+def median_run(group_runs: list[GroupRun]) -> GroupRun:
+    """The run of median seconds (the upper one of an even count)."""
+    return sorted(group_runs, key=lambda run: run.seconds)[len(group_runs) // 2]
+
+
 def differing_rows(plain: GroupRun, run: GroupRun) -> int:
     """How many of `run`'s rows differ from plain's row of the same prompt, token for token up to the row's end."""
     return sum(first_mismatch(expected, actual) is not None for expected, actual in zip(plain.rows, run.rows))
@@ -230,12 +235,15 @@ def run_throughput(
     pad_token_id: int,
     warmup: int = 1,
     progress: bool = True,
+    repeats: int = 1,
 ) -> ThroughputResult:
     """Decodes the prompts `encoded[i]` `(1, length_i)` in consecutive groups of each batch size with every strategy.
 
     Before measuring, the first `warmup` groups of the smallest batch size run once with every strategy, unmeasured.
     The groups of all batch sizes run in the order of their first prompt (`interleaved_schedule`); on group g of a
-    batch size the strategy order is rotated by g, so no strategy always runs first.
+    batch size the strategy order is rotated by g, so no strategy always runs first. Each group runs `repeats` times
+    with every strategy in turn, and each strategy's run of median seconds counts: one slow moment of the machine
+    does not decide a group.
     """
     batch_sizes = sorted(set(batch_sizes))
     decoder = GroupDecoder(model, max_new_tokens, speculation, pad_token_id)
@@ -248,9 +256,12 @@ def run_throughput(
     schedule = interleaved_schedule(len(encoded), batch_sizes)
     for batch_size, index, first in tqdm(schedule, desc="throughput", disable=not progress):
         shift = index % len(STRATEGIES)
-        for strategy in STRATEGIES[shift:] + STRATEGIES[:shift]:
-            run = decoder.run(strategy, encoded[first : first + batch_size])
-            runs.setdefault((batch_size, strategy), []).append(run)
+        repeated: dict[str, list[GroupRun]] = {}
+        for _ in range(repeats):
+            for strategy in STRATEGIES[shift:] + STRATEGIES[:shift]:
+                repeated.setdefault(strategy, []).append(decoder.run(strategy, encoded[first : first + batch_size]))
+        for strategy, group_runs in repeated.items():
+            runs.setdefault((batch_size, strategy), []).append(median_run(group_runs))
 
     groups = []
     for (batch_size, strategy), group_runs in runs.items():
@@ -277,6 +288,7 @@ def run_throughput(
         "strategies": list(STRATEGIES),
         **asdict(speculation),
         "warmup_groups": len(warmup_groups),
+        "repeats": repeats,
         "pad_token_id": pad_token_id,
         "eos_token_ids": list(decoder.eos_ids),
         "memory_method": memory_method(model.device),

@@ -11,6 +11,7 @@ The state-dict keys are the stock class's, so stock checkpoints load into these 
 with saved checkpoints as remote code: it may import only torch, transformers and same-folder modules.
 """
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +29,7 @@ from transformers.utils.output_capturing import capture_outputs
 
 from .draft_head import DraftExit, DraftHead, ExitAdapter
 from .layer_dropout import layer_dropout_rates, sample_keep_masks
+from .packed_attention import packed_gqa_attention
 from .self_speculative import self_speculative_decoding, validate_self_speculative_request
 
 FULL_ATTENTION, SLIDING_ATTENTION = "full_attention", "sliding_attention"
@@ -169,36 +171,41 @@ class LayerSkipModelMixin:
         Returns:
             `(batch_size, query_length, hidden_size)`, the output of layer `end - 1`, before the final norm.
         """
-        masks = self.attention_masks(hidden_states, start, end, position_ids, attention_mask, cache, key_positions)
-        if position_embeddings is None:
-            position_embeddings = self.position_embeddings(hidden_states, position_ids)
-        layer_types = self.attention_layer_types
-        for layer_idx, decoder_layer in enumerate(self.layers[start:end], start):
-            layer_type = layer_types[layer_idx]
-            causal_mask = masks[layer_type]
-            layer_position_embeddings = (
-                position_embeddings[layer_type] if isinstance(position_embeddings, dict) else position_embeddings
-            )
-            layer_kwargs = dict(position_ids=position_ids, cache=cache, **kwargs)
-            if keep_masks is None or keep_masks[layer_idx].all():
-                hidden_states = decoder_layer(
-                    hidden_states,
-                    attention_mask=causal_mask,
-                    position_embeddings=layer_position_embeddings,
-                    **layer_kwargs,
+        # Inference attends without a copy of the cache per query head (`packed_attention.py`), plain decoding and
+        # self-speculative verification alike; training keeps stock `sdpa`, which gradient checkpointing's
+        # recomputation calls outside this loop.
+        packed = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        with packed_gqa_attention(self) if packed else nullcontext():
+            masks = self.attention_masks(hidden_states, start, end, position_ids, attention_mask, cache, key_positions)
+            if position_embeddings is None:
+                position_embeddings = self.position_embeddings(hidden_states, position_ids)
+            layer_types = self.attention_layer_types
+            for layer_idx, decoder_layer in enumerate(self.layers[start:end], start):
+                layer_type = layer_types[layer_idx]
+                causal_mask = masks[layer_type]
+                layer_position_embeddings = (
+                    position_embeddings[layer_type] if isinstance(position_embeddings, dict) else position_embeddings
                 )
-            elif keep_masks[layer_idx].any():
-                hidden_states = self._run_kept_rows(
-                    decoder_layer,
-                    hidden_states,
-                    keep_masks[layer_idx],
-                    causal_mask,
-                    layer_position_embeddings,
-                    layer_kwargs,
-                )
-            if layer_outputs is not None:
-                layer_outputs.append(hidden_states)
-        return hidden_states
+                layer_kwargs = dict(position_ids=position_ids, cache=cache, **kwargs)
+                if keep_masks is None or keep_masks[layer_idx].all():
+                    hidden_states = decoder_layer(
+                        hidden_states,
+                        attention_mask=causal_mask,
+                        position_embeddings=layer_position_embeddings,
+                        **layer_kwargs,
+                    )
+                elif keep_masks[layer_idx].any():
+                    hidden_states = self._run_kept_rows(
+                        decoder_layer,
+                        hidden_states,
+                        keep_masks[layer_idx],
+                        causal_mask,
+                        layer_position_embeddings,
+                        layer_kwargs,
+                    )
+                if layer_outputs is not None:
+                    layer_outputs.append(hidden_states)
+            return hidden_states
 
     @staticmethod
     def _run_kept_rows(decoder_layer, hidden_states, keep, causal_mask, position_embeddings, layer_kwargs):

@@ -24,6 +24,7 @@ and verification layer passes are compiled, on fixed shapes. Greedy decoding rea
 """
 
 import copy
+import time
 from dataclasses import dataclass
 
 import torch
@@ -41,6 +42,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils.output_capturing import resolve_hidden_states_indices, selected_hidden_states
 
 from .dynamic_drafting import ExitChooser
+from .round_planning import LookupPlanner
 
 # Rotary types whose frequencies depend on how long the sequence is so far: their tables cannot be built up front.
 _LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
@@ -224,17 +226,20 @@ def crop_cache(cache: DynamicCache, length: int) -> None:
             layer.crop(-excess)
 
 
-def lookup_continuation(sequence: torch.LongTensor, max_ngram_size: int, num_tokens: int) -> torch.LongTensor:
+def lookup_continuation(
+    sequence: torch.LongTensor, max_ngram_size: int, num_tokens: int
+) -> tuple[int, torch.LongTensor]:
     """Prompt lookup: the (up to) `num_tokens` tokens that followed the most recent earlier occurrence of the last `n`
-    tokens of `sequence` `(length,)`, for the largest `n <= max_ngram_size` that occurred before; `(0,)` if none did."""
+    tokens of `sequence` `(length,)`, for the largest `n <= max_ngram_size` that occurred before, and that `n`: `(n,
+    continuation)`, or `(0, an empty continuation)` if none did."""
     length = len(sequence)
     for n in range(min(max_ngram_size, length - 1), 0, -1):
         windows = sequence[: length - 1].unfold(0, n, 1)  # (length - n, n): every earlier n-gram with a successor
         hits = (windows == sequence[length - n :]).all(dim=1).nonzero()
         if len(hits):
             start = int(hits[-1]) + n
-            return sequence[start : start + num_tokens]
-    return sequence[:0]
+            return n, sequence[start : start + num_tokens]
+    return 0, sequence[:0]
 
 
 class DynamicCacheSlots:
@@ -511,6 +516,10 @@ class SelfSpeculativeDecoder:
         lookup_tokens, ngram_size = generation_config.prompt_lookup_num_tokens, generation_config.max_matching_ngram_size
         self.num_lookup_tokens = model.config.num_lookup_speculations if lookup_tokens is None else lookup_tokens
         self.lookup_ngram_size = ngram_size or model.config.lookup_ngram_size
+        # A batch's lookup round verifies its longest lookup in every row, which a compute-bound device pays for:
+        # a batch looks up where the call measures it pays. One row verifies a few positions for about one step.
+        self.lookup_planner = LookupPlanner() if self.num_lookup_tokens and input_ids.shape[0] > 1 else None
+        self.lookup_matches: list[tuple[int, int]] = []  # the round's (match length, continuation length) per row
         eos = getattr(generation_config, "_eos_token_tensor", None)  # set by `generate`
         self.eos_token_ids = None if eos is None else eos.flatten().to(input_ids.device)
         self.do_sample = bool(generation_config.do_sample)
@@ -662,10 +671,12 @@ class SelfSpeculativeDecoder:
     def draft(self) -> tuple[int, torch.Tensor | None]:
         """Drafts after each active row's pending token, writing the drafts into `tokens` after it.
 
-        Every row drafts while any row still proposes: a row stops proposing at a token its exit is less confident of
-        than the threshold, or after drafting eos, but goes on drafting as long as the batch does (the step costs the
-        batch nothing more, and verification still judges every draft). A step at which no row proposes is withheld:
-        its token is not drafted, and verification goes on from its exit state, so no layer pass is lost.
+        By lookup where any row's last tokens occurred earlier in it (in a batch, as many looked-up tokens as the
+        call's `LookupPlanner` finds pay, maybe none); else with the early exit. Every row drafts while any row still
+        proposes: a row stops proposing at a token its exit is less confident of than the threshold, or after drafting
+        eos, but goes on drafting as long as the batch does (the step costs the batch nothing more, and verification
+        still judges every draft). A step at which no row proposes is withheld: its token is not drafted, and
+        verification goes on from its exit state, so no layer pass is lost.
 
         Returns the number of drafted tokens `k` and the processed draft scores `(num_active, k, vocab_size)`, or
         `None` when nothing was drafted.
@@ -680,8 +691,13 @@ class SelfSpeculativeDecoder:
                 lookup_continuation(tokens[row, :length], self.lookup_ngram_size, limit)
                 for row, length in zip(self.host_rows, self.host_lengths)
             ]
-            if any(len(continuation) for continuation in looked_up):
-                return self.draft_by_lookup(looked_up)
+            self.lookup_matches = [(match_length, len(continuation)) for match_length, continuation in looked_up]
+            width = 1 + max(length for _, length in self.lookup_matches)
+            if width > 1 and self.lookup_planner is not None:
+                width = self.lookup_planner.lookup_width(self.lookup_matches)
+            if width > 1:
+                self.lookup_matches = [(match, min(length, width - 1)) for match, length in self.lookup_matches]
+                return self.draft_by_lookup([continuation[: width - 1] for _, continuation in looked_up])
         if self.exit_chooser is not None:
             self.exit_layer = self.exit_chooser.choose()
             self.draft_exit = self.draft_exits[self.exit_layer]
@@ -1057,6 +1073,7 @@ def self_speculative_decoding(
     hidden_states = [] if decoder.layer_outputs is not None else None
     decoder.prefill()
     while decoder.num_active:
+        round_start = time.perf_counter()
         num_drafted, draft_scores = decoder.draft()
         draft_steps = decoder.exit_query_cache.shape[1]
         final_hidden = decoder.verify(num_drafted)  # (num_active, num_drafted + 1, hidden_size)
@@ -1074,6 +1091,7 @@ def self_speculative_decoding(
         num_accepted, stops = accept_round(
             decoder, num_drafted, draft_scores, processed, do_sample, stopping_criteria, scores
         )
+        round_seconds = time.perf_counter() - round_start  # the round's work is done: its results are on the host
         num_kept, finished = [], []
         for i, (row, length) in enumerate(zip(rows, lengths)):
             row_tokens = tokens[row : row + 1]
@@ -1092,6 +1110,13 @@ def self_speculative_decoding(
                 raw_logits.extend(raw[i, j : j + 1] for j in range(kept))
             if hidden_states is not None:
                 hidden_states.extend(decoder.take_hidden_states(kept))
+        if decoder.lookup_planner is not None:
+            if looked_up:
+                decoder.lookup_planner.record_lookup_round(
+                    decoder.lookup_matches, num_accepted, num_drafted + 1, round_seconds
+                )
+            else:
+                decoder.lookup_planner.record_other_round(len(rows), sum(num_kept), round_seconds)
         if decoder.exit_chooser is not None and not looked_up:
             decoder.exit_chooser.record(decoder.exit_layer, len(rows), num_drafted * len(rows), sum(num_accepted))
         decoder.advance(num_kept, finished)

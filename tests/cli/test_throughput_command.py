@@ -75,7 +75,9 @@ def test_throughput_writes_json_markdown_and_plot(files, tmp_path, capsys):
     assert len(result["groups"]) == 3 * (4 + 2 + 1) and all(g["mismatches"] == 0 for g in result["groups"])
     printed = capsys.readouterr().out
     assert "| 4 | self_speculative_loop | 16 |" in printed
-    assert "rows differing from plain batched greedy decoding: 0 (0 expected)" in printed
+    note = "0 expected" if settings["dtype"] == "float32" else "0 expected in float32; half precision may part at numerical near-ties"
+    assert f"rows differing from plain batched greedy decoding: 0 ({note})" in printed
+    assert settings["repeats"] == 3  # the default
     assert markdown.read_text().strip() in printed
     assert_png(output.with_suffix(".png"))
 

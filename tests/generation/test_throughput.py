@@ -19,6 +19,7 @@ from hf_layerskip.generation.throughput import (
     eos_token_ids,
     interleaved_schedule,
     left_pad,
+    median_run,
     resolve_pad_token_id,
     run_throughput,
     summarize_throughput,
@@ -248,3 +249,16 @@ def test_every_batch_size_and_strategy_yields_plain_greedy_rows(model_with_eos, 
             groups = [g for g in result.groups if (g["batch_size"], g["strategy"]) == (batch_size, strategy)]
             assert [g["first_prompt"] for g in groups] == list(range(0, 5, batch_size))
             assert [n for g in groups for n in g["new_tokens"]] == list(map(len, expected))
+
+
+def test_each_group_repeats_every_strategy_in_turn_and_its_median_run_counts(model, monkeypatch):
+    calls = count_generate_calls(monkeypatch)
+    result = run_throughput(model, PROMPTS[:1], [1], 2, SPECULATION, PAD, warmup=0, progress=False, repeats=3)
+    assert calls == [((1, 7), None), ((1, 7), 2), ((1, 7), 2)] * 3
+    assert result.settings["repeats"] == 3 and all(summary.groups == 1 for summary in result.summaries)
+
+
+def test_the_median_run_is_the_middle_one_by_seconds():
+    runs = [GroupRun([], seconds) for seconds in (3.0, 1.0, 2.0, 9.0)]
+    assert median_run(runs[:3]).seconds == 2.0
+    assert median_run(runs).seconds == 3.0

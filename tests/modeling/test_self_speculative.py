@@ -537,13 +537,14 @@ def test_lookup_continuation_is_the_latest_longest_match():
     for _ in range(300):
         sequence = torch.randint(0, 4, (int(torch.randint(1, 30, (1,), generator=generator)),), generator=generator)
         max_ngram_size, num_tokens = int(torch.randint(1, 4, (1,))), int(torch.randint(1, 5, (1,)))
-        tokens, expected = sequence.tolist(), []
+        tokens, expected = sequence.tolist(), (0, [])
         for n in range(min(max_ngram_size, len(tokens) - 1), 0, -1):
             starts = [i for i in range(len(tokens) - n) if tokens[i : i + n] == tokens[-n:]]
             if starts:
-                expected = tokens[starts[-1] + n : starts[-1] + n + num_tokens]
+                expected = (n, tokens[starts[-1] + n : starts[-1] + n + num_tokens])
                 break
-        assert self_speculative.lookup_continuation(sequence, max_ngram_size, num_tokens).tolist() == expected
+        match_length, continuation = self_speculative.lookup_continuation(sequence, max_ngram_size, num_tokens)
+        assert (match_length, continuation.tolist()) == expected
 
 
 def test_lookup_length_defaults_to_the_config_and_the_call_overrides_it(agreeing):
@@ -730,7 +731,7 @@ def test_speculative_module_imports_only_torch_and_transformers():
         if isinstance(node, (ast.Import, ast.ImportFrom)) and not getattr(node, "level", 0)
         for alias in node.names
     }
-    assert roots <= {"torch", "transformers", "copy", "dataclasses"}, roots
+    assert roots <= {"torch", "transformers", "copy", "dataclasses", "time"}, roots
 
 
 @pytest.mark.parametrize("max_new_tokens", [7, 40])
