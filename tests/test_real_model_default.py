@@ -11,7 +11,6 @@ from hf_layerskip import LayerSkipLlamaForCausalLM
 from hf_layerskip.defaults import DEFAULT_DRAFT_HEAD_DIR, SETTINGS_FILE_NAME
 from hf_layerskip.generation import load_humaneval
 from hf_layerskip.generation.correctness import find_mismatch
-from hf_layerskip.generation.metrics import first_mismatch
 
 pytestmark = pytest.mark.real_model
 
@@ -56,24 +55,15 @@ BFLOAT16_PROBLEMS = (124, 128, 132, 136, 140, 144)
 def test_bfloat16_parts_from_plain_only_at_near_ties(default_model):
     """In bfloat16 verification scores several positions in one pass, whose rounding differs from one position's:
     self-speculative output may part from plain bfloat16 greedy, but only where plain's top-2 logit gap is within
-    bfloat16's rounding at that magnitude (two units in the last place). Both are compared with float32 greedy: the
-    self-speculative output agrees with it on at least as many tokens as plain bfloat16 output does."""
+    bfloat16's rounding at that magnitude (two units in the last place). At such a tie either token is a correct
+    rounding, so which of the two runs stays with float32 greedy longer is chance, problem by problem; how close each
+    stays over all 40 held-out problems is measured by `benchmarks/bfloat16_agreement.py`."""
     model32, tokenizer = default_model
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
     greedy = dict(max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-    agreeing_tokens = {"plain": 0, "self_speculative": 0}
     for example in load_humaneval(BFLOAT16_PROBLEMS):
         input_ids = tokenizer(example.prompt, return_tensors="pt")["input_ids"]
-        new = {
-            "float32": model32.generate(input_ids, **greedy)[0, input_ids.shape[1] :],
-            "plain": model16.generate(input_ids, **greedy)[0, input_ids.shape[1] :],
-            "self_speculative": model16.generate(input_ids, assistant_early_exit=model16.config.exit_layer, **greedy)[
-                0, input_ids.shape[1] :
-            ],
-        }
-        mismatch = find_mismatch(model16, input_ids, new["plain"], new["self_speculative"])
+        plain = model16.generate(input_ids, **greedy)[0, input_ids.shape[1] :]
+        speculative = model16.generate(input_ids, assistant_early_exit=model16.config.exit_layer, **greedy)
+        mismatch = find_mismatch(model16, input_ids, plain, speculative[0, input_ids.shape[1] :])
         assert mismatch is None or mismatch.is_tie, (example.id, mismatch)
-        for name in agreeing_tokens:
-            position = first_mismatch(new["float32"], new[name])
-            agreeing_tokens[name] += len(new["float32"]) if position is None else position
-    assert agreeing_tokens["self_speculative"] >= agreeing_tokens["plain"], agreeing_tokens
