@@ -16,9 +16,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
-from hf_layerskip import LayerSkipLlamaForCausalLM
+from hf_layerskip.cli.measure_options import load_model
 from hf_layerskip.generation import load_humaneval
 from hf_layerskip.generation.correctness import find_mismatch
 from hf_layerskip.generation.metrics import first_mismatch
@@ -32,13 +31,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--output", default=None, help="JSON file for the per-prompt results and totals")
     options = parser.parse_args()
-    if options.model is None:
-        from hf_layerskip.defaults import default_checkpoint
-
-        options.model = str(default_checkpoint())
-    model32 = LayerSkipLlamaForCausalLM.from_pretrained(options.model, dtype=torch.float32).eval()
+    model32, tokenizer = load_model(options.model, "float32", "cpu", "bfloat16_agreement.py")
     model16 = copy.deepcopy(model32).to(torch.bfloat16)
-    tokenizer = AutoTokenizer.from_pretrained(options.model)
     greedy = dict(max_new_tokens=options.max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     rows = []
     examples = load_humaneval(range(options.first_prompt, options.first_prompt + options.num_prompts))

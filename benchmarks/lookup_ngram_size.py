@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer
 
-from hf_layerskip import LayerSkipLlamaForCausalLM
+from hf_layerskip.cli.measure_options import load_model
 from hf_layerskip.generation import load_humaneval
 from hf_layerskip.generation.metrics import machine_description
 
@@ -34,12 +33,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--output", default=None, help="JSON file for the per-prompt seconds and the summary")
     options = parser.parse_args()
-    if options.model is None:
-        from hf_layerskip.defaults import default_checkpoint
-
-        options.model = str(default_checkpoint())
-    tokenizer = AutoTokenizer.from_pretrained(options.model)
-    model = LayerSkipLlamaForCausalLM.from_pretrained(options.model, dtype=getattr(torch, options.dtype)).eval()
+    model, tokenizer = load_model(options.model, options.dtype, "cpu", "lookup_ngram_size.py")
     problems = load_humaneval(list(range(options.first_prompt, options.first_prompt + options.num_prompts)))
     generate = dict(do_sample=False, max_new_tokens=options.max_new_tokens)
     seconds = {"plain": [], **{size: [] for size in options.ngram_sizes}}

@@ -9,14 +9,13 @@ size and number of query positions; medians of `--repeats` calls, and the larges
 
 import argparse
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from hf_layerskip.generation.metrics import machine_description
+from hf_layerskip.generation.speedup_bound import _median_seconds
 from hf_layerskip.modeling.packed_attention import packed_sdpa_attention
 
 
@@ -29,17 +28,6 @@ class GroupedAttention(torch.nn.Module):
         self.is_causal = True
 
 
-def median_microseconds(function, repeats: int) -> float:
-    for _ in range(5):
-        function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
@@ -49,6 +37,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--output", default=None, help="JSON file for the table")
     options = parser.parse_args()
+    torch.manual_seed(0)
     dtype = getattr(torch, options.dtype)
     heads, key_value_heads, head_dim = 9, 3, 64
     module = GroupedAttention(heads // key_value_heads)
@@ -72,8 +61,8 @@ def main() -> None:
             row = {
                 "batch_size": batch_size,
                 "query_length": query_length,
-                "sdpa_us": median_microseconds(stock, options.repeats),
-                "packed_us": median_microseconds(packed, options.repeats),
+                "sdpa_us": 1e6 * _median_seconds(stock, options.repeats, key.device),
+                "packed_us": 1e6 * _median_seconds(packed, options.repeats, key.device),
                 "max_difference": float((stock().float() - packed().float()).abs().max()),
             }
             rows.append(row)
