@@ -30,7 +30,8 @@ from hf_layerskip.modeling import self_speculative
 
 
 def load_module(path: str):
-    spec = importlib.util.spec_from_file_location("self_speculative_before", path)
+    # Named inside the installed package, so that the file's relative imports (`.dynamic_drafting`, ...) resolve.
+    spec = importlib.util.spec_from_file_location("hf_layerskip.modeling.self_speculative_before", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
